@@ -1,0 +1,151 @@
+"""Fake (shape) kernels and autograd for every pyconvext operator.
+
+The compiled library defines the operators and their CPU / CUDA kernels; this
+module teaches the rest of PyTorch about them: register_fake gives the output
+metadata for torch.compile, torch.export and fake tensors; register_autograd
+wires each operator to its backward operator.
+"""
+
+import torch
+
+from . import _BUILD_INFO
+
+OPS = ("conv2d", "conv2d_backward")
+
+# Dispatch keys with a compiled kernel, per operator (read before any Python
+# kernel below is registered).
+KERNELS = {
+    op: tuple(
+        key for key in ("CPU", "CUDA")
+        if torch._C._dispatch_has_kernel_for_dispatch_key(f"pyconvext::{op}", key)
+    )
+    for op in OPS
+}
+
+
+def _output_size(size, kernel, stride, padding, dilation):
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def _conv_memory_format(input4d, weight):
+    """Native's rule: channels_last if the input or the weight suggests it."""
+    suggest = torch._prims_common.suggest_memory_format
+    if torch.channels_last in (suggest(input4d), suggest(weight)):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+# --- conv2d -----------------------------------------------------------------
+
+@torch.library.register_fake("pyconvext::conv2d")
+def _conv2d_fake(input, weight, bias, stride, padding, dilation, groups):
+    batched = input.dim() == 4
+    x = input if batched else input.unsqueeze(0)
+    out_h = _output_size(x.shape[2], weight.shape[2], stride[0], padding[0], dilation[0])
+    out_w = _output_size(x.shape[3], weight.shape[3], stride[1], padding[1], dilation[1])
+    out = x.new_empty(
+        (x.shape[0], weight.shape[0], out_h, out_w), memory_format=_conv_memory_format(x, weight)
+    )
+    return out if batched else out.squeeze(0)
+
+
+def _conv2d_setup_context(ctx, inputs, output):
+    input, weight, bias, stride, padding, dilation, groups = inputs
+    ctx.save_for_backward(input, weight)
+    ctx.params = (stride, padding, dilation, groups)
+
+
+def _conv2d_backward(ctx, grad_output):
+    input, weight = ctx.saved_tensors
+    mask = list(ctx.needs_input_grad[:3])
+    grad_input, grad_weight, grad_bias = torch.ops.pyconvext.conv2d_backward(
+        grad_output, input, weight, *ctx.params, mask
+    )
+    return grad_input, grad_weight, grad_bias, None, None, None, None
+
+
+torch.library.register_autograd(
+    "pyconvext::conv2d", _conv2d_backward, setup_context=_conv2d_setup_context
+)
+
+
+# --- conv2d_backward ----------------------------------------------------------
+
+@torch.library.register_fake("pyconvext::conv2d_backward")
+def _conv2d_backward_fake(grad_output, input, weight, stride, padding, dilation, groups, output_mask):
+    batched = input.dim() == 4
+    x = input if batched else input.unsqueeze(0)
+    memory_format = _conv_memory_format(x, weight)
+    grad_input = grad_weight = grad_bias = None
+    if output_mask[0]:
+        grad_input = x.new_empty(x.shape, memory_format=memory_format)
+        grad_input = grad_input if batched else grad_input.squeeze(0)
+    if output_mask[1]:
+        grad_weight = weight.new_empty(weight.shape, memory_format=memory_format)
+    if output_mask[2]:
+        grad_bias = weight.new_empty((weight.shape[0],))
+    return grad_input, grad_weight, grad_bias
+
+
+def _conv2d_backward_setup_context(ctx, inputs, output):
+    grad_output, input, weight, stride, padding, dilation, groups, output_mask = inputs
+    ctx.save_for_backward(grad_output, input, weight)
+    ctx.params = (stride, padding, dilation, groups)
+
+
+def _conv2d_double_backward(ctx, grad_grad_input, grad_grad_weight, grad_grad_bias):
+    """conv2d_backward is bilinear: grad_input in (grad_output, weight),
+    grad_weight in (grad_output, input), so its derivatives are convolutions
+    again, computed with our own operators."""
+    grad_output, input, weight = ctx.saved_tensors
+    ops = torch.ops.pyconvext
+    need_grad_output, need_input, need_weight = ctx.needs_input_grad[:3]
+    g_grad_output = g_input = g_weight = None
+    if need_grad_output:
+        terms = []
+        if grad_grad_input is not None:
+            terms.append(ops.conv2d(grad_grad_input, weight, grad_grad_bias, *ctx.params))
+        elif grad_grad_bias is not None:
+            terms.append(grad_grad_bias.view(-1, 1, 1).expand_as(grad_output))
+        if grad_grad_weight is not None:
+            terms.append(ops.conv2d(input, grad_grad_weight, None, *ctx.params))
+        g_grad_output = sum(terms) if terms else None
+    if need_input and grad_grad_weight is not None:
+        g_input = ops.conv2d_backward(
+            grad_output, input, grad_grad_weight, *ctx.params, [True, False, False]
+        )[0]
+    if need_weight and grad_grad_input is not None:
+        g_weight = ops.conv2d_backward(
+            grad_output, grad_grad_input, weight, *ctx.params, [False, True, False]
+        )[1]
+    return g_grad_output, g_input, g_weight, None, None, None, None, None
+
+
+torch.library.register_autograd(
+    "pyconvext::conv2d_backward",
+    _conv2d_double_backward,
+    setup_context=_conv2d_backward_setup_context,
+)
+
+
+# --- operators without a compiled CUDA kernel -------------------------------------
+
+def _no_cuda_kernel(op):
+    if "cuda" in _BUILD_INFO["backends"]:
+        reason = f"this version of pyconvext has no CUDA kernel for {op} yet"
+    else:
+        reason = f"pyconvext was built without CUDA ({_BUILD_INFO['no_cuda_reason']})"
+
+    def kernel(*args, **kwargs):
+        raise NotImplementedError(
+            f"pyconvext.{op}: got CUDA tensors, but {reason}. Rebuild pyconvext with a CUDA "
+            "toolkit (CUDA_HOME=/path/to/cuda pip install --no-build-isolation --no-deps "
+            "--force-reinstall <pyconvext source folder>), or move the tensors to the CPU."
+        )
+
+    return kernel
+
+
+for _op in OPS:
+    if "CUDA" not in KERNELS[_op]:
+        torch.library.impl(f"pyconvext::{_op}", "CUDA")(_no_cuda_kernel(_op))

@@ -1,0 +1,234 @@
+"""Benchmark harness: the shape catalog of the seed architectures, and a race of
+pyconvext's operators against native PyTorch on the same inputs.
+
+Speedup = native time / ours. Both run in this process on the same tensors,
+interleaved round by round (so a noisy machine slows both alike), after
+warm-up, through torch.utils.benchmark.Timer (which synchronizes CUDA) with all
+of torch's threads; each time is the median over the rounds.
+"""
+
+import csv
+import dataclasses
+import math
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.utils import benchmark
+
+from . import functional
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvLayer:
+    """One conv2d layer: input (batch, in_channels, height, width), out_channels
+    square kernels of side `kernel`."""
+
+    name: str
+    batch: int
+    in_channels: int
+    height: int
+    width: int
+    out_channels: int
+    kernel: int
+    stride: int = 1
+    padding: int = 0
+    groups: int = 1
+
+    def output_size(self):
+        def size(n):
+            return (n + 2 * self.padding - self.kernel) // self.stride + 1
+
+        return size(self.height), size(self.width)
+
+    def flops(self):
+        """Forward multiply-adds × 2."""
+        out_h, out_w = self.output_size()
+        per_output = self.in_channels // self.groups * self.kernel * self.kernel
+        return 2 * self.batch * self.out_channels * out_h * out_w * per_output
+
+    def shape(self):
+        text = (f"{self.batch}x{self.in_channels}x{self.height}x{self.width}"
+                f"->{self.out_channels} k{self.kernel}")
+        text += f" s{self.stride}" if self.stride != 1 else ""
+        text += f" p{self.padding}" if self.padding else ""
+        text += f" g{self.groups}" if self.groups != 1 else ""
+        return text
+
+
+# The convolution layers of the seed architectures (batch sizes of a CPU run).
+CONV2D_CATALOG = (
+    ConvLayer("mnist.conv1", 64, 1, 28, 28, 10, 5),
+    ConvLayer("mnist.conv2", 64, 10, 12, 12, 20, 5),
+    ConvLayer("lenet5.c3", 64, 6, 14, 14, 16, 5),
+    ConvLayer("alexnet.conv1", 8, 3, 224, 224, 64, 11, stride=4, padding=2),
+    ConvLayer("zfnet.conv1", 8, 3, 224, 224, 96, 7, stride=2, padding=1),
+    ConvLayer("vgg.conv3", 4, 128, 56, 56, 256, 3, padding=1),
+    ConvLayer("googlenet.5x5", 8, 16, 28, 28, 32, 5, padding=2),
+    ConvLayer("googlenet.1x1", 8, 192, 28, 28, 64, 1),
+    ConvLayer("resnet.stem", 8, 3, 224, 224, 64, 7, stride=2, padding=3),
+    ConvLayer("resnet.l3", 8, 256, 14, 14, 256, 3, padding=1),
+    ConvLayer("depthwise", 8, 32, 112, 112, 32, 3, padding=1, groups=32),
+)
+
+CATALOGS = {"conv2d": CONV2D_CATALOG}
+
+
+@dataclasses.dataclass
+class Result:
+    op: str
+    layer: str
+    shape: str
+    mode: str  # "forward" or "forward+backward"
+    native_ms: float
+    ours_ms: float
+    gflops: float  # ours
+
+    @property
+    def speedup(self):
+        return self.native_ms / self.ours_ms
+
+
+def _timer(fn, threads):
+    return benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
+
+
+def race(native, ours, min_time=2.0, min_rounds=7):
+    """Median seconds per call of native() and ours(), measured interleaved."""
+    threads = torch.get_num_threads()
+    timers = (_timer(native, threads), _timer(ours, threads))
+    numbers = []
+    for timer in timers:  # warm-up, and calls per measurement for ~50 ms blocks
+        timer.timeit(1)
+        single = timer.timeit(1).median
+        numbers.append(max(1, int(0.05 / max(single, 1e-7))))
+    samples = ([], [])
+    start = time.perf_counter()
+    while len(samples[0]) < min_rounds or time.perf_counter() - start < min_time:
+        for timer, number, times in zip(timers, numbers, samples):
+            times.append(timer.timeit(number).median)
+    return statistics.median(samples[0]), statistics.median(samples[1])
+
+
+def _conv2d_cases(layer, device, dtype):
+    """(mode, native fn, ours fn, flops) for one catalog layer."""
+    gen = torch.Generator().manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float32).to(device, dtype)
+
+    x = randn(layer.batch, layer.in_channels, layer.height, layer.width)
+    w = randn(layer.out_channels, layer.in_channels // layer.groups, layer.kernel, layer.kernel)
+    b = randn(layer.out_channels)
+    args = (layer.stride, layer.padding, 1, layer.groups)
+    grad_out = randn(layer.batch, layer.out_channels, *layer.output_size())
+    leaves = [t.requires_grad_() for t in (x.clone(), w.clone(), b.clone())]
+
+    def forward(conv):
+        def run():
+            with torch.no_grad():
+                return conv(x, w, b, *args)
+        return run
+
+    def forward_backward(conv):
+        return lambda: torch.autograd.grad(conv(*leaves, *args), leaves, grad_out)
+
+    flops = layer.flops()
+    return [
+        ("forward", forward(F.conv2d), forward(functional.conv2d), flops),
+        ("forward+backward", forward_backward(F.conv2d), forward_backward(functional.conv2d),
+         3 * flops),
+    ]
+
+
+CASES = {"conv2d": _conv2d_cases}
+
+
+def run(op, device="cpu", dtype=torch.float32, layers=None, min_time=2.0, progress=None):
+    """Races every catalog layer of `op` (or those named in `layers`); returns Results."""
+    if device == "cuda":
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+    results = []
+    for layer in CATALOGS[op]:
+        if layers and layer.name not in layers:
+            continue
+        for mode, native, ours, flops in CASES[op](layer, device, dtype):
+            native_s, ours_s = race(native, ours, min_time=min_time)
+            result = Result(op, layer.name, layer.shape(), mode, native_s * 1e3, ours_s * 1e3,
+                            flops / ours_s / 1e9)
+            results.append(result)
+            if progress:
+                progress(result)
+    return results
+
+
+def machine(device="cpu"):
+    """The machine line that goes with a table."""
+    if device == "cuda":
+        where = torch.cuda.get_device_name()
+    else:
+        where = f"{_cpu_model()}, {torch.get_num_threads()} threads"
+    return f"{where}; torch {torch.__version__}; Python {platform.python_version()}"
+
+
+def _cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+HEADER = ("layer", "shape", "mode", "native ms", "ours ms", "speedup", "GFLOP/s")
+
+
+def row(result):
+    return (result.layer, result.shape, result.mode, f"{result.native_ms:.3f}",
+            f"{result.ours_ms:.3f}", f"{result.speedup:.2f}x", f"{result.gflops:.1f}")
+
+
+def geomean(values):
+    values = list(values)
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def summary(results):
+    """Geometric mean and minimum speedup per mode."""
+    lines = []
+    for mode in dict.fromkeys(r.mode for r in results):
+        speedups = [r.speedup for r in results if r.mode == mode]
+        worst = min((r for r in results if r.mode == mode), key=lambda r: r.speedup)
+        lines.append(f"{mode}: geometric mean speedup {geomean(speedups):.2f}x over "
+                     f"{len(speedups)} layers, lowest {worst.speedup:.2f}x ({worst.layer})")
+    return lines
+
+
+def markdown_table(results):
+    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    lines += ["| " + " | ".join(row(r)) + " |" for r in results]
+    return "\n".join(lines)
+
+
+def write_csv(results, path):
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["op", "layer", "shape", "mode", "native_ms", "ours_ms", "speedup",
+                         "gflops"])
+        for r in results:
+            writer.writerow([r.op, r.layer, r.shape, r.mode, f"{r.native_ms:.4f}",
+                             f"{r.ours_ms:.4f}", f"{r.speedup:.4f}", f"{r.gflops:.2f}"])
+
+
+def print_row(result, file=sys.stdout):
+    print("  ".join(f"{cell:>{width}}" for cell, width in zip(row(result), WIDTHS)), file=file,
+          flush=True)
+
+
+WIDTHS = (14, 30, 16, 10, 10, 8, 8)

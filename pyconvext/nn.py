@@ -1,0 +1,27 @@
+"""Drop-in modules: subclasses of the torch.nn modules that run pyconvext's kernels.
+
+They keep the native constructor, parameters, buffers, state_dict keys and repr,
+so a native checkpoint loads into them with strict=True and back.
+"""
+
+import torch
+from torch.nn.modules.utils import _pair
+
+from . import functional
+
+__all__ = ["Conv2d"]
+
+
+class Conv2d(torch.nn.Conv2d):
+    """torch.nn.Conv2d on pyconvext.functional.conv2d."""
+
+    def _conv_forward(self, input, weight, bias):
+        if self.padding_mode != "zeros":
+            # As native: pad with the module's mode, then convolve without padding.
+            input = torch.nn.functional.pad(
+                input, self._reversed_padding_repeated_twice, mode=self.padding_mode
+            )
+            return functional.conv2d(input, weight, bias, self.stride, _pair(0), self.dilation, self.groups)
+        return functional.conv2d(
+            input, weight, bias, self.stride, self.padding, self.dilation, self.groups
+        )

@@ -1,0 +1,134 @@
+"""Builds pyconvext._C, the compiled kernels, against the installed torch.
+
+Environment:
+  USE_CUDA=0              build the CPU kernels only.
+  FORCE_CUDA=1            fail if the CUDA kernels cannot be built.
+  CUDA_HOME               CUDA toolkit (default: /usr/local/cuda, else the nvcc on PATH).
+  TORCH_CUDA_ARCH_LIST    CUDA architectures (default: DEFAULT_CUDA_ARCHS).
+
+Build with the torch that will run the kernels:
+  pip install --no-build-isolation .       (or -e . for a development checkout)
+"""
+
+import glob
+import os
+import pprint
+import re
+import shutil
+import subprocess
+import sys
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
+
+
+def find_cuda_home():
+    """CUDA_HOME, else /usr/local/cuda, else the toolkit of the nvcc on PATH."""
+    if os.environ.get("CUDA_HOME"):
+        return os.environ["CUDA_HOME"]
+    if os.path.exists("/usr/local/cuda/bin/nvcc"):
+        return "/usr/local/cuda"
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    # The nvcc on PATH may be a wrapper script; nvcc itself reports its TOP folder.
+    try:
+        dry_run = subprocess.run(
+            [nvcc, "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
+            capture_output=True, text=True, timeout=60,
+        )
+        match = re.search(r"^#\$ TOP=(.+)$", dry_run.stderr + dry_run.stdout, re.MULTILINE)
+    except (OSError, subprocess.SubprocessError):
+        match = None
+    return os.path.realpath(match.group(1).strip()) if match else None
+
+
+def cuda_plan(torch):
+    """(build CUDA?, reason when not)."""
+    if os.environ.get("USE_CUDA") == "0":
+        return False, "USE_CUDA=0"
+    if torch.version.cuda is None:
+        return False, "the installed torch is a CPU-only build"
+    cuda_home = find_cuda_home()
+    if cuda_home is None or not os.path.exists(os.path.join(cuda_home, "bin", "nvcc")):
+        return False, "no CUDA toolkit found (set CUDA_HOME to the toolkit folder)"
+    # torch.utils.cpp_extension reads CUDA_HOME when it is imported.
+    os.environ["CUDA_HOME"] = cuda_home
+    return True, None
+
+
+def version_line(command, pattern=r".+"):
+    """The first line of `command --version` that matches pattern."""
+    try:
+        out = subprocess.run(command + ["--version"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    match = re.search(pattern, out.stdout)
+    return match.group(0).strip() if match else "unknown"
+
+
+def main():
+    import torch
+
+    with_cuda, no_cuda_reason = cuda_plan(torch)
+    if not with_cuda and os.environ.get("FORCE_CUDA") == "1":
+        sys.exit(f"pyconvext: FORCE_CUDA=1 but the CUDA kernels cannot be built: {no_cuda_reason}")
+    if with_cuda:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
+    else:
+        print(f"pyconvext: building the CPU kernels only ({no_cuda_reason})", file=sys.stderr)
+
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    sources = sorted(
+        glob.glob("csrc/*.cpp") + glob.glob("csrc/common/*.cpp") + glob.glob("csrc/cpu/*.cpp")
+    )
+    cxx_flags = ["-O3", "-fopenmp"]
+    if with_cuda:
+        sources += sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
+        cxx_flags.append("-DWITH_CUDA")
+        extension = CUDAExtension(
+            "pyconvext._C", sources, include_dirs=[os.path.join(ROOT, "csrc")],
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-DWITH_CUDA"]},
+            extra_link_args=["-fopenmp"],
+        )
+    else:
+        extension = CppExtension(
+            "pyconvext._C", sources, include_dirs=[os.path.join(ROOT, "csrc")],
+            extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"],
+        )
+
+    build_info = {
+        "backends": ["cpu", "cuda"] if with_cuda else ["cpu"],
+        "cuda_archs": os.environ["TORCH_CUDA_ARCH_LIST"] if with_cuda else None,
+        "cuda_toolkit": (
+            version_line([os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc")], r"release .+")
+            if with_cuda else None
+        ),
+        "no_cuda_reason": no_cuda_reason,
+        "torch_version": torch.__version__,
+        "torch_git_version": torch.version.git_version,
+        "torch_cuda_version": torch.version.cuda,
+        "compiler": version_line([os.environ.get("CXX", "c++")]),
+    }
+
+    class BuildWithInfo(BuildExtension):
+        """Writes pyconvext/_build_info.py beside the compiled library."""
+
+        def run(self):
+            super().run()
+            # With --inplace (editable installs) this is the source folder.
+            target = os.path.join(
+                os.path.dirname(self.get_ext_fullpath("pyconvext._C")), "_build_info.py"
+            )
+            with open(target, "w") as f:
+                f.write("# Written by setup.py when pyconvext._C was built.\n")
+                f.write(f"BUILD_INFO = {pprint.pformat(build_info)}\n")
+
+    setup(ext_modules=[extension], cmdclass={"build_ext": BuildWithInfo})
+
+
+if __name__ == "__main__":
+    main()
