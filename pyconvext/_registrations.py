@@ -43,8 +43,9 @@ def _conv2d_fake(input, weight, bias, stride, padding, dilation, groups):
     x = input if batched else input.unsqueeze(0)
     out_h = _output_size(x.shape[2], weight.shape[2], stride[0], padding[0], dilation[0])
     out_w = _output_size(x.shape[3], weight.shape[3], stride[1], padding[1], dilation[1])
-    out = x.new_empty(
-        (x.shape[0], weight.shape[0], out_h, out_w), memory_format=_conv_memory_format(x, weight)
+    out = torch.empty(
+        (x.shape[0], weight.shape[0], out_h, out_w), dtype=x.dtype, device=x.device,
+        memory_format=_conv_memory_format(x, weight),
     )
     return out if batched else out.squeeze(0)
 
@@ -78,10 +79,10 @@ def _conv2d_backward_fake(grad_output, input, weight, stride, padding, dilation,
     memory_format = _conv_memory_format(x, weight)
     grad_input = grad_weight = grad_bias = None
     if output_mask[0]:
-        grad_input = x.new_empty(x.shape, memory_format=memory_format)
+        grad_input = torch.empty_like(x, memory_format=memory_format)
         grad_input = grad_input if batched else grad_input.squeeze(0)
     if output_mask[1]:
-        grad_weight = weight.new_empty(weight.shape, memory_format=memory_format)
+        grad_weight = torch.empty_like(weight, memory_format=memory_format)
     if output_mask[2]:
         grad_bias = weight.new_empty((weight.shape[0],))
     return grad_input, grad_weight, grad_bias
