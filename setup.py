@@ -24,13 +24,13 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
 
 
-def find_cuda_home():
+def find_cuda_home(environ=os.environ, default="/usr/local/cuda"):
     """CUDA_HOME, else /usr/local/cuda, else the toolkit of the nvcc on PATH."""
-    if os.environ.get("CUDA_HOME"):
-        return os.environ["CUDA_HOME"]
-    if os.path.exists("/usr/local/cuda/bin/nvcc"):
-        return "/usr/local/cuda"
-    nvcc = shutil.which("nvcc")
+    if environ.get("CUDA_HOME"):
+        return environ["CUDA_HOME"]
+    if os.path.exists(os.path.join(default, "bin", "nvcc")):
+        return default
+    nvcc = shutil.which("nvcc", path=environ.get("PATH"))
     if nvcc is None:
         return None
     # The nvcc on PATH may be a wrapper script; nvcc itself reports its TOP folder.
@@ -57,6 +57,20 @@ def cuda_plan(torch):
     # torch.utils.cpp_extension reads CUDA_HOME when it is imported.
     os.environ["CUDA_HOME"] = cuda_home
     return True, None
+
+
+def cuda_library_includes():
+    """Header folders of the pip wheels of the CUDA libraries torch depends on
+    (nvidia-cublas, nvidia-cusparse, ...). ATen's CUDA headers include cuBLAS and
+    cuSPARSE headers that a minimal toolkit may lack; these folders are searched
+    after the toolkit's own."""
+    try:
+        import nvidia
+    except ImportError:
+        return []
+    return sorted(
+        include for root in nvidia.__path__ for include in glob.glob(os.path.join(root, "*", "include"))
+    )
 
 
 def version_line(command, pattern=r".+"):
@@ -94,6 +108,7 @@ def main():
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-DWITH_CUDA"]},
             extra_link_args=["-fopenmp"],
         )
+        extension.include_dirs += cuda_library_includes()
     else:
         extension = CppExtension(
             "pyconvext._C", sources, include_dirs=[os.path.join(ROOT, "csrc")],
@@ -104,7 +119,7 @@ def main():
         "backends": ["cpu", "cuda"] if with_cuda else ["cpu"],
         "cuda_archs": os.environ["TORCH_CUDA_ARCH_LIST"] if with_cuda else None,
         "cuda_toolkit": (
-            version_line([os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc")], r"release .+")
+            version_line([os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc")], r"(?<=, V)[\d.]+")
             if with_cuda else None
         ),
         "no_cuda_reason": no_cuda_reason,

@@ -1,0 +1,46 @@
+"""The CMake build for libtorch programs: builds the library and
+tests/cpp/conv2d_check.cpp (pyconvext::conv2d through csrc/pyconvext.h against
+at::conv2d) and runs the program."""
+
+import glob
+import os
+import pathlib
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from test_build import ROOT, load_setup_module
+
+
+def cmake_cuda_arguments():
+    """A CUDA build of torch makes find_package(Torch) look for the CUDA toolkit,
+    and for libnvrtc, which pip installs beside torch rather than in the toolkit."""
+    cuda_home = load_setup_module().find_cuda_home()
+    if cuda_home is None:
+        pytest.skip("torch is a CUDA build, and its CMake config needs a CUDA toolkit: none found")
+    arguments = [f"-DCUDA_TOOLKIT_ROOT_DIR={cuda_home}"]
+    if not glob.glob(os.path.join(cuda_home, "lib*", "libnvrtc.so*")):
+        import nvidia
+
+        nvrtc = sorted(lib for root in nvidia.__path__ for lib in glob.glob(os.path.join(root, "*", "lib", "libnvrtc.so*")))
+        if nvrtc:
+            arguments.append(f"-DCUDA_nvrtc_LIBRARY={nvrtc[0]}")
+    return arguments
+
+
+def test_cmake_build_and_cpp_api(tmp_path):
+    cmake = shutil.which("cmake")
+    assert cmake, "cmake is required (pip install cmake)"
+    configure = [cmake, "-S", str(ROOT), "-B", str(tmp_path), f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}"]
+    if torch.version.cuda:
+        configure += cmake_cuda_arguments()
+    # Without it, torch's CMake config probes for GPUs by compiling a CUDA program.
+    env = {**os.environ, "TORCH_CUDA_ARCH_LIST": os.environ.get("TORCH_CUDA_ARCH_LIST", "9.0")}
+    for command in (configure, [cmake, "--build", str(tmp_path), "-j", str(os.cpu_count() or 1)]):
+        result = subprocess.run(command, capture_output=True, text=True, env=env)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    check = subprocess.run([str(pathlib.Path(tmp_path) / "conv2d_check")], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "ok: 5 cases match ATen" in check.stdout
