@@ -4,6 +4,8 @@
 
 #include <torch/library.h>
 
+#include "cpu/simd.h"
+
 TORCH_LIBRARY(pyconvext, m) {
   m.def(
       "conv2d(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
@@ -17,12 +19,20 @@ TORCH_LIBRARY(pyconvext, m) {
 }
 
 // Built as the Python extension pyconvext._C: importing it loads this library,
-// whose static initializers register the operators above.
+// whose static initializers register the operators above. The module's one
+// attribute names the vector instructions the CPU kernels use.
 #ifdef TORCH_EXTENSION_NAME
 #include <Python.h>
 
 extern "C" PyObject* PyInit__C() {
   static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module);
+  PyObject* m = PyModule_Create(&module);
+  if (m != nullptr &&
+      PyModule_AddStringConstant(m, "cpu_capability",
+                                 pyconvext::simd::isa_name(pyconvext::simd::cpu_isa())) < 0) {
+    Py_DECREF(m);
+    return nullptr;
+  }
+  return m;
 }
 #endif

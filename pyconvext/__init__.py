@@ -47,9 +47,18 @@ from . import functional, nn  # noqa: E402
 
 def build_info() -> dict:
     """What this installation of pyconvext was compiled with: backends, CUDA
-    architectures and toolkit, the torch it was built against, the compiler,
-    and, per operator, the dispatch keys that have one of our kernels."""
-    return {**_BUILD_INFO, "kernels": {op: list(keys) for op, keys in _registrations.KERNELS.items()}}
+    architectures and toolkit, the torch it was built against, the compiler;
+    the vector instructions its CPU kernels use on this machine
+    (cpu_capability: avx512, avx2 or default, lowered by the environment
+    variable PYCONVEXT_CPU_CAPABILITY); and, per operator, the dispatch keys
+    that have one of our kernels."""
+    from . import _C
+
+    return {
+        **_BUILD_INFO,
+        "cpu_capability": _C.cpu_capability,
+        "kernels": {op: list(keys) for op, keys in _registrations.KERNELS.items()},
+    }
 
 
 __all__ = ["build_info", "functional", "nn"]

@@ -1,7 +1,7 @@
 """pyconvext.conv2d against native torch.nn.functional.conv2d: values, gradients,
 layouts, dtypes, autograd checks, opcheck, torch.compile and every bad input."""
 
-import re
+import os
 
 import pytest
 import torch
@@ -82,6 +82,15 @@ def layout(t):
 
 
 # --- values and gradients -----------------------------------------------------------
+
+def test_cpu_capability():
+    """The kernels run with the widest vectors available, or those requested."""
+    requested = os.environ.get("PYCONVEXT_CPU_CAPABILITY")
+    capability = pyconvext.build_info()["cpu_capability"]
+    assert capability in ("avx512", "avx2", "default")
+    if requested:
+        assert capability == requested
+
 
 def reference(x, w, b, grad_out, kwargs):
     """Native conv2d in float64 on the same values, rounded to their dtype: the

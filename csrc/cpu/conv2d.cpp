@@ -22,9 +22,12 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <mutex>
+#include <type_traits>
+#include <utility>
+#include <vector>
 
 #include "common/conv2d.h"
+#include "cpu/simd.h"
 
 namespace pyconvext {
 namespace {
@@ -61,37 +64,475 @@ Tap tap(const Conv2dGeometry& g, int64_t i, int64_t j) {
           valid_outputs(g.out_w, g.in_w, g.stride_w, col_offset), row_offset, col_offset};
 }
 
-// ---------------------------------------------------------------------------
-// im2col + GEMM
+// Direct convolution on "virtual pixels", vectorized over output pixels.
+//
+// Each input channel is zero-padded and split into stride_h x stride_w phase
+// planes of phase_h x phase_w: phase (a, b) holds the padded rows a, a + sh, ...
+// and columns b, b + sw, .... Number output pixel (oh, ow) q = oh * phase_w + ow;
+// then kernel tap (i, j) reads element q + offset(i, j) of the prepared
+// channel, so a run of consecutive outputs reads a run of consecutive inputs,
+// for any stride, padding and dilation. The columns ow >= out_w of this
+// numbering are computed and dropped; zeros after each channel keep whole
+// vector loads inside it.
+struct DirectLayout {
+  int64_t phase_h, phase_w, phase_size;
+  int64_t virtual_pixels;        // out_h * phase_w
+  int64_t channel_size;          // elements of one prepared channel
+  std::vector<int64_t> offsets;  // per tap (i, j), i major
+};
 
-// col[(c, i, j), (oh, ow)] = in[c, oh*sh + i*dh - ph, ow*sw + j*dw - pw], zero outside.
+constexpr int64_t kMaxTileBytes = 128;  // the widest pixel tile: two 64-byte vectors
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+DirectLayout direct_layout(const Conv2dGeometry& g, int64_t element_size) {
+  DirectLayout l;
+  l.phase_h = ceil_div(g.in_h + 2 * g.pad_h, g.stride_h);
+  l.phase_w = ceil_div(g.in_w + 2 * g.pad_w, g.stride_w);
+  l.phase_size = l.phase_h * l.phase_w;
+  l.virtual_pixels = g.out_h * l.phase_w;
+  int64_t max_offset = 0;
+  for (int64_t i = 0; i < g.kernel_h; ++i) {
+    for (int64_t j = 0; j < g.kernel_w; ++j) {
+      const int64_t row = i * g.dil_h, col = j * g.dil_w;
+      const int64_t phase = (row % g.stride_h) * g.stride_w + col % g.stride_w;
+      l.offsets.push_back(phase * l.phase_size + row / g.stride_h * l.phase_w + col / g.stride_w);
+      max_offset = std::max(max_offset, l.offsets.back());
+    }
+  }
+  const int64_t tile = kMaxTileBytes / element_size;
+  l.channel_size = std::max(g.stride_h * g.stride_w * l.phase_size,
+                            ceil_div(l.virtual_pixels, tile) * tile + max_offset);
+  return l;
+}
+
+// Writes `planes` (H, W) planes of x in the layout above.
 template <typename T>
-void im2col(const T* in, int64_t channels, const Conv2dGeometry& g, T* col) {
-  const int64_t taps = g.kernel_h * g.kernel_w, plane = g.out_h * g.out_w;
-  at::parallel_for(0, channels * taps, grain_for(plane), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t c = r / taps, i = r % taps / g.kernel_w, j = r % g.kernel_w;
-      const Tap t = tap(g, i, j);
-      T* dst = col + r * plane;
-      std::fill(dst, dst + t.rows.lo * g.out_w, T(0));
-      for (int64_t oh = t.rows.lo; oh < t.rows.hi; ++oh) {
-        T* row = dst + oh * g.out_w;
-        const T* src = in + (c * g.in_h + oh * g.stride_h + t.row_offset) * g.in_w + t.col_offset;
-        std::fill(row, row + t.cols.lo, T(0));
-        if (g.stride_w == 1) {
-          std::copy(src + t.cols.lo, src + t.cols.hi, row + t.cols.lo);
-        } else {
-          for (int64_t ow = t.cols.lo; ow < t.cols.hi; ++ow) row[ow] = src[ow * g.stride_w];
+void prepare_direct_input(const T* x, int64_t planes, const Conv2dGeometry& g,
+                          const DirectLayout& l, T* out) {
+  for (int64_t p = 0; p < planes; ++p) {
+    const T* src = x + p * g.in_h * g.in_w;
+    T* dst = out + p * l.channel_size;
+    std::fill(dst, dst + l.channel_size, T(0));
+    for (int64_t a = 0; a < g.stride_h; ++a) {
+      for (int64_t b = 0; b < g.stride_w; ++b) {
+        T* phase = dst + (a * g.stride_w + b) * l.phase_size;
+        const Span rows = valid_outputs(l.phase_h, g.in_h, g.stride_h, a - g.pad_h);
+        const Span cols = valid_outputs(l.phase_w, g.in_w, g.stride_w, b - g.pad_w);
+        for (int64_t u = rows.lo; u < rows.hi; ++u) {
+          const T* row = src + (u * g.stride_h + a - g.pad_h) * g.in_w + b - g.pad_w;
+          for (int64_t v = cols.lo; v < cols.hi; ++v) phase[u * l.phase_w + v] = row[v * g.stride_w];
         }
-        std::fill(row + t.cols.hi, row + g.out_w, T(0));
       }
-      std::fill(dst + t.rows.hi * g.out_w, dst + plane, T(0));
+    }
+  }
+}
+
+// Output channels per register block: the tile has block x 2 vector
+// accumulators, which must fit the vector registers (32 for AVX-512, 16 else).
+int64_t direct_max_block() {
+  switch (simd::cpu_isa()) {
+    case simd::Isa::Avx512: return 12;
+    case simd::Isa::Avx2: return 6;
+    default: return 4;
+  }
+}
+
+// The output channels of a group split into blocks of `size` or `size - 1`.
+struct Blocks {
+  int64_t count, size, full;  // the first `full` blocks have `size` channels
+  int64_t start(int64_t b) const { return b * (size - 1) + std::min(b, full); }
+  int64_t length(int64_t b) const { return b < full ? size : size - 1; }
+};
+Blocks split_blocks(int64_t channels, int64_t max_block) {
+  const int64_t count = ceil_div(channels, max_block);
+  if (count == 0) return {0, 1, 0};
+  const int64_t size = ceil_div(channels, count);
+  return {count, size, channels - count * (size - 1)};
+}
+
+template <typename T>
+struct DirectArgs {
+  const T* weight;   // packed by pack_direct_weight
+  const T* bias;     // [out_channels] or nullptr
+  T* output;         // [batch][out_channels][out_h][out_w]
+  const int64_t* offsets;
+  int64_t taps, in_per_group, out_per_group, out_channels, channel_size;
+  int64_t virtual_pixels, phase_w, out_h, out_w;
+  Blocks blocks;     // per group
+  int64_t tiles;     // pixel tiles per block
+};
+
+// The weights of block [k, k + R) of a group as [in_per_group][taps][R], at
+// k * in_per_group * taps: the R values one tile step broadcasts are adjacent.
+template <typename T>
+void pack_direct_weight(const T* w, const Conv2dGeometry& g, const Blocks& blocks, T* out) {
+  const int64_t per_channel = g.in_per_group() * g.kernel_h * g.kernel_w;
+  for (int64_t grp = 0; grp < g.groups; ++grp) {
+    for (int64_t b = 0; b < blocks.count; ++b) {
+      const int64_t k0 = grp * g.out_per_group() + blocks.start(b), r_count = blocks.length(b);
+      T* dst = out + k0 * per_channel;
+      for (int64_t e = 0; e < per_channel; ++e) {
+        for (int64_t r = 0; r < r_count; ++r) dst[e * r_count + r] = w[(k0 + r) * per_channel + e];
+      }
+    }
+  }
+}
+
+// One tile: R output channels x 2 vectors of virtual pixels, summed over the
+// group's input channels and the kernel taps in registers.
+template <typename V, typename T, int R>
+[[gnu::always_inline]] inline void direct_tile(const T* in, const int64_t* offsets, int64_t taps,
+                                               int64_t channels, int64_t channel_size,
+                                               const T* w, const T* bias, T* tile) {
+  constexpr int lanes = sizeof(V) / sizeof(T);
+  V acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = V{} + (bias ? bias[r] : T(0));
+  for (int64_t c = 0; c < channels; ++c) {
+    const T* plane = in + c * channel_size;
+    for (int64_t t = 0; t < taps; ++t, w += R) {
+      const V x0 = simd::load<V>(plane + offsets[t]);
+      const V x1 = simd::load<V>(plane + offsets[t] + lanes);
+      for (int r = 0; r < R; ++r) {
+        acc[r][0] += w[r] * x0;
+        acc[r][1] += w[r] * x1;
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    simd::store(tile + r * 2 * lanes, acc[r][0]);
+    simd::store(tile + r * 2 * lanes + lanes, acc[r][1]);
+  }
+}
+
+struct DirectForwardTiles {
+  // Computes tiles [begin, end) of image n, group grp from its prepared input
+  // channels `in`; tile = block * tiles + pixel tile.
+  template <int Bytes, typename T>
+  [[gnu::always_inline]] void operator()(const DirectArgs<T>* args, const T* in, int64_t n,
+                                         int64_t grp, int64_t begin, int64_t end) const {
+    using V = simd::Vec<T, Bytes>;
+    constexpr int lanes = Bytes / sizeof(T), width = 2 * lanes;
+    const DirectArgs<T>& a = *args;
+    T tile[12 * width];
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t block = t / a.tiles;
+      const int64_t k0 = grp * a.out_per_group + a.blocks.start(block), r_count = a.blocks.length(block);
+      const T* w = a.weight + k0 * a.in_per_group * a.taps;
+      const T* bias = a.bias ? a.bias + k0 : nullptr;
+      // Pixel tiles of the kernel's vector width within this tile of the widest width.
+      const int64_t q_begin = t % a.tiles * (kMaxTileBytes / sizeof(T));
+      const int64_t q_end = std::min(a.virtual_pixels, q_begin + kMaxTileBytes / int64_t(sizeof(T)));
+      for (int64_t q0 = q_begin; q0 < q_end; q0 += width) {
+        switch (r_count) {
+#define PYCONVEXT_TILE_CASE(R)                                                                      \
+  case R:                                                                                           \
+    direct_tile<V, T, R>(in + q0, a.offsets, a.taps, a.in_per_group, a.channel_size, w, bias, tile); \
+    break;
+          PYCONVEXT_TILE_CASE(1) PYCONVEXT_TILE_CASE(2) PYCONVEXT_TILE_CASE(3)
+          PYCONVEXT_TILE_CASE(4) PYCONVEXT_TILE_CASE(5) PYCONVEXT_TILE_CASE(6)
+          PYCONVEXT_TILE_CASE(7) PYCONVEXT_TILE_CASE(8) PYCONVEXT_TILE_CASE(9)
+          PYCONVEXT_TILE_CASE(10) PYCONVEXT_TILE_CASE(11) PYCONVEXT_TILE_CASE(12)
+#undef PYCONVEXT_TILE_CASE
+        }
+        // Copy the real pixels (ow < out_w) of the tile to the output rows.
+        const int64_t q_stop = std::min(q0 + width, q_end);
+        for (int64_t q = q0; q < q_stop;) {
+          const int64_t oh = q / a.phase_w, ow = q - oh * a.phase_w;
+          const int64_t row_end = std::min(q_stop, (oh + 1) * a.phase_w);
+          const int64_t count = std::min(row_end, oh * a.phase_w + a.out_w) - q;
+          for (int64_t r = 0; count > 0 && r < r_count; ++r) {
+            const T* src = tile + r * width + (q - q0);
+            std::copy(src, src + count,
+                      a.output + ((n * a.out_channels + k0 + r) * a.out_h + oh) * a.out_w + ow);
+          }
+          q = row_end;
+        }
+      }
+    }
+  }
+};
+PYCONVEXT_DISPATCH_ISA(direct_forward_tiles, DirectForwardTiles)
+
+// Splits the work of each (image, group) into `splits` tasks so that every
+// thread gets a few; each task prepares its image's group channels itself, in
+// a buffer that stays in cache, so the prepared input never goes to memory.
+struct UnitSplit {
+  int64_t splits, work;
+  int64_t begin(int64_t split) const { return split * work / splits; }
+  int64_t end(int64_t split) const { return (split + 1) * work / splits; }
+};
+UnitSplit split_units(int64_t units, int64_t work) {
+  return {std::clamp<int64_t>(ceil_div(4 * at::get_num_threads(), units), 1, std::max<int64_t>(work, 1)),
+          work};
+}
+
+template <typename T>
+void forward_direct(const Tensor& x, const Tensor& w, const std::optional<Tensor>& bias,
+                    const Conv2dGeometry& g, Tensor& out) {
+  if (out.numel() == 0) return;
+  const DirectLayout l = direct_layout(g, sizeof(T));
+  const Blocks blocks = split_blocks(g.out_per_group(), direct_max_block());
+  Tensor packed = at::empty({w.numel()}, w.options());
+  pack_direct_weight(w.const_data_ptr<T>(), g, blocks, packed.mutable_data_ptr<T>());
+  const DirectArgs<T> args{packed.const_data_ptr<T>(),
+                           bias.has_value() ? bias->const_data_ptr<T>() : nullptr,
+                           out.mutable_data_ptr<T>(), l.offsets.data(), g.kernel_h * g.kernel_w,
+                           g.in_per_group(), g.out_per_group(), g.out_channels, l.channel_size,
+                           l.virtual_pixels, l.phase_w, g.out_h, g.out_w, blocks,
+                           ceil_div(l.virtual_pixels, kMaxTileBytes / int64_t(sizeof(T)))};
+  const T* x_data = x.const_data_ptr<T>();
+  const UnitSplit split = split_units(g.batch * g.groups, blocks.count * args.tiles);
+  at::parallel_for(0, g.batch * g.groups * split.splits, 1, [&](int64_t begin, int64_t end) {
+    at::AutoDispatchBelowADInplaceOrView no_autograd;  // thread-local, like every dispatch guard
+    Tensor prepared = at::empty({g.in_per_group() * l.channel_size}, x.options());
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t unit = task / split.splits, s = task % split.splits;
+      const int64_t n = unit / g.groups, grp = unit % g.groups;
+      prepare_direct_input(x_data + (n * g.in_channels + grp * g.in_per_group()) * g.in_h * g.in_w,
+                           g.in_per_group(), g, l, prepared.mutable_data_ptr<T>());
+      direct_forward_tiles(&args, prepared.const_data_ptr<T>(), n, grp, split.begin(s), split.end(s));
     }
   });
 }
 
-// The adjoint of im2col: in[c, ...] += col[(c, i, j), ...]. Parallel over
-// channels, so no two threads touch the same input element.
+// grad_input of a unit-stride convolution is itself a unit-stride convolution:
+// of grad_output, padded by dilation * (kernel - 1) - padding, with the kernel
+// flipped and its two channel axes swapped within each group.
+bool grad_input_is_convolution(const Conv2dGeometry& g) {
+  return g.stride_h == 1 && g.stride_w == 1 && g.pad_h <= g.dil_h * (g.kernel_h - 1) &&
+         g.pad_w <= g.dil_w * (g.kernel_w - 1);
+}
+
+template <typename T>
+void grad_input_direct(const Tensor& grad_out, const Tensor& w, const Conv2dGeometry& g,
+                       Tensor& grad_input) {
+  Conv2dGeometry t = g;
+  t.in_channels = g.out_channels;
+  t.in_h = g.out_h;
+  t.in_w = g.out_w;
+  t.out_channels = g.in_channels;
+  t.out_h = g.in_h;
+  t.out_w = g.in_w;
+  t.pad_h = g.dil_h * (g.kernel_h - 1) - g.pad_h;
+  t.pad_w = g.dil_w * (g.kernel_w - 1) - g.pad_w;
+  const Tensor flipped = w.view({g.groups, g.out_per_group(), g.in_per_group(), g.kernel_h, g.kernel_w})
+                             .transpose(1, 2)
+                             .flip({3, 4})
+                             .reshape({g.in_channels, g.out_per_group(), g.kernel_h, g.kernel_w})
+                             .contiguous();
+  forward_direct<T>(grad_out, flipped, std::nullopt, t, grad_input);
+}
+
+// grad_weight[k, c, tap] = sum over images and output pixels of
+// grad_output[k, q] * input[c, q + offset(tap)], on the same prepared input as
+// the forward, with grad_output spread over the virtual pixels. Dropped pixels
+// are masked out of the input (not just zero in grad_output) so that an
+// infinite input they happen to read cannot turn 0 * inf into a NaN.
+template <typename T>
+struct WeightGradArgs {
+  const T* input;                 // prepared: [batch][channels][channel_size]
+  const T* grad_out;              // [batch][out_channels][pixels], zero at dropped pixels
+  const T* mask;                  // [pixels]: all bits set at real pixels, zero at dropped ones
+  const int64_t* element_offset;  // per (c, tap) of a group: c * channel_size + offset(tap)
+  T* grad_weight;                 // [out_channels][elements]
+  int64_t batch, groups, in_per_group, out_per_group, channels, out_channels, channel_size;
+  int64_t pixels;                 // virtual pixels rounded up to whole vectors
+  int64_t elements;               // in_per_group * taps
+  Blocks k_blocks, e_blocks;      // per group
+};
+
+// One tile: R output channels x M (channel, tap) elements, summed over all
+// images and pixels in registers.
+template <typename V, typename T, int R, int M>
+[[gnu::always_inline]] inline void weight_grad_tile(const WeightGradArgs<T>& a, int64_t grp,
+                                                    int64_t k0, int64_t e0) {
+  constexpr int lanes = sizeof(V) / sizeof(T);
+  using I = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
+  using IV = simd::Vec<I, sizeof(V)>;
+  V acc[R][M] = {};
+  for (int64_t n = 0; n < a.batch; ++n) {
+    const T* go = a.grad_out + (n * a.out_channels + k0) * a.pixels;
+    const T* in = a.input + (n * a.channels + grp * a.in_per_group) * a.channel_size;
+    for (int64_t q = 0; q < a.pixels; q += lanes) {
+      const IV keep = simd::load<IV>(a.mask + q);
+      V g[R];
+      for (int r = 0; r < R; ++r) g[r] = simd::load<V>(go + r * a.pixels + q);
+      for (int e = 0; e < M; ++e) {
+        const V x = (V)(simd::load<IV>(in + a.element_offset[e0 + e] + q) & keep);
+        for (int r = 0; r < R; ++r) acc[r][e] += g[r] * x;
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int e = 0; e < M; ++e) {
+      T sum = 0;
+      for (int lane = 0; lane < lanes; ++lane) sum += acc[r][e][lane];
+      a.grad_weight[(k0 + r) * a.elements + e0 + e] = sum;
+    }
+  }
+}
+
+struct WeightGradTiles {
+  // Computes tiles [begin, end): tile = (group * k_blocks + k_block) * e_blocks + e_block.
+  template <int Bytes, typename T>
+  [[gnu::always_inline]] void operator()(const WeightGradArgs<T>* args, int64_t begin, int64_t end) const {
+    using V = simd::Vec<T, Bytes>;
+    const WeightGradArgs<T>& a = *args;
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t eb = tile % a.e_blocks.count, kb = tile / a.e_blocks.count % a.k_blocks.count;
+      const int64_t grp = tile / (a.e_blocks.count * a.k_blocks.count);
+      const int64_t k0 = grp * a.out_per_group + a.k_blocks.start(kb), e0 = a.e_blocks.start(eb);
+      switch (8 * a.k_blocks.length(kb) + a.e_blocks.length(eb)) {  // R in 1..4, M in 1..6
+#define PYCONVEXT_CASE(R, M) \
+  case 8 * R + M: weight_grad_tile<V, T, R, M>(a, grp, k0, e0); break;
+#define PYCONVEXT_CASES(R) \
+  PYCONVEXT_CASE(R, 1) PYCONVEXT_CASE(R, 2) PYCONVEXT_CASE(R, 3) PYCONVEXT_CASE(R, 4) PYCONVEXT_CASE(R, 5) PYCONVEXT_CASE(R, 6)
+        PYCONVEXT_CASES(1) PYCONVEXT_CASES(2) PYCONVEXT_CASES(3) PYCONVEXT_CASES(4)
+#undef PYCONVEXT_CASES
+#undef PYCONVEXT_CASE
+      }
+    }
+  }
+};
+PYCONVEXT_DISPATCH_ISA(weight_grad_tiles, WeightGradTiles)
+
+// Register tile of the weight-gradient kernel: R output channels x M
+// (channel, tap) elements, R * M + R + 2 vector registers.
+std::pair<int64_t, int64_t> weight_grad_max_tile() {
+  return simd::cpu_isa() == simd::Isa::Avx512 ? std::pair<int64_t, int64_t>{4, 6}
+                                              : std::pair<int64_t, int64_t>{2, 5};
+}
+
+template <typename T>
+void grad_weight_direct(const Tensor& grad_out, const Tensor& x, const Conv2dGeometry& g,
+                        Tensor& grad_weight) {
+  using I = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
+  const DirectLayout l = direct_layout(g, sizeof(T));
+  const int64_t planes = g.batch * g.in_channels;
+  Tensor prepared = at::empty({planes * l.channel_size}, x.options());
+  const T* x_data = x.const_data_ptr<T>();
+  T* prepared_data = prepared.mutable_data_ptr<T>();
+  at::parallel_for(0, planes, grain_for(l.channel_size), [&](int64_t begin, int64_t end) {
+    prepare_direct_input(x_data + begin * g.in_h * g.in_w, end - begin, g, l,
+                         prepared_data + begin * l.channel_size);
+  });
+
+  // grad_output on the virtual pixels (zero at the dropped columns), and the
+  // mask of real pixels.
+  const int64_t vector = kMaxTileBytes / 2 / sizeof(T);
+  const int64_t pixels = ceil_div(l.virtual_pixels, vector) * vector;
+  Tensor go = at::zeros({g.batch, g.out_channels, pixels}, grad_out.options());
+  go.narrow(2, 0, l.virtual_pixels)
+      .view({g.batch, g.out_channels, g.out_h, l.phase_w})
+      .narrow(3, 0, g.out_w)
+      .copy_(grad_out);
+  std::vector<I> mask(pixels, 0);
+  for (int64_t q = 0; q < l.virtual_pixels; ++q) mask[q] = q % l.phase_w < g.out_w ? I(-1) : I(0);
+  std::vector<int64_t> element_offset;
+  for (int64_t c = 0; c < g.in_per_group(); ++c) {
+    for (int64_t offset : l.offsets) element_offset.push_back(c * l.channel_size + offset);
+  }
+
+  const auto [max_r, max_m] = weight_grad_max_tile();
+  const int64_t elements = static_cast<int64_t>(element_offset.size());
+  const WeightGradArgs<T> args{prepared.const_data_ptr<T>(), go.const_data_ptr<T>(),
+                               reinterpret_cast<const T*>(mask.data()), element_offset.data(),
+                               grad_weight.mutable_data_ptr<T>(), g.batch, g.groups, g.in_per_group(),
+                               g.out_per_group(), g.in_channels, g.out_channels, l.channel_size,
+                               pixels, elements, split_blocks(g.out_per_group(), max_r),
+                               split_blocks(elements, max_m)};
+  const int64_t tiles = g.groups * args.k_blocks.count * args.e_blocks.count;
+  at::parallel_for(0, tiles, grain_for(g.batch * pixels * max_r * max_m), [&](int64_t begin, int64_t end) {
+    weight_grad_tiles(&args, begin, end);
+  });
+}
+
+// ---------------------------------------------------------------------------
+// Matrix products with ATen's GEMM, where the data need no rearranging:
+// 1x1 convolutions with unit stride and no padding, and the input gradient of
+// strided convolutions (a GEMM, then our col2im).
+
+bool is_pointwise(const Conv2dGeometry& g) {
+  return g.kernel_h == 1 && g.kernel_w == 1 && g.stride_h == 1 && g.stride_w == 1 &&
+         g.pad_h == 0 && g.pad_w == 0;
+}
+
+// Runs body(n, scratch) for every image n, scratch being a tensor of
+// `scratch_size` elements owned by the calling thread. With at least one image
+// per thread, threads take whole images and the GEMMs inside run
+// single-threaded; with fewer images, images run in turn and the loops and
+// GEMMs inside use all threads.
+template <typename Body>
+void for_each_image(int64_t batch, int64_t scratch_size, const at::TensorOptions& options, Body body) {
+  auto run = [&](int64_t begin, int64_t end) {
+    // Dispatch guards are thread-local: worker threads need their own.
+    at::AutoDispatchBelowADInplaceOrView no_autograd;
+    Tensor scratch = at::empty({scratch_size}, options);
+    for (int64_t n = begin; n < end; ++n) body(n, scratch);
+  };
+  if (batch >= at::get_num_threads()) {
+    at::parallel_for(0, batch, 1, run);
+  } else {
+    run(0, batch);
+  }
+}
+
+void forward_pointwise(const Tensor& x, const Tensor& w, const std::optional<Tensor>& bias,
+                       const Conv2dGeometry& g, Tensor& out) {
+  const int64_t in_per_group = g.in_per_group(), out_per_group = g.out_per_group();
+  const Tensor w3 = w.view({g.groups, out_per_group, in_per_group});
+  const Tensor x3 = x.view({g.batch, g.in_channels, g.in_h * g.in_w});
+  const Tensor out4 = out.view({g.batch, g.groups, out_per_group, g.out_h * g.out_w});
+  for_each_image(g.batch, 0, x.options(), [&](int64_t n, Tensor&) {
+    for (int64_t grp = 0; grp < g.groups; ++grp) {
+      const Tensor src = x3[n].narrow(0, grp * in_per_group, in_per_group);
+      Tensor dst = out4[n][grp];
+      if (bias.has_value()) {
+        at::addmm_out(dst, bias->narrow(0, grp * out_per_group, out_per_group).unsqueeze(1), w3[grp], src);
+      } else {
+        at::mm_out(dst, w3[grp], src);
+      }
+    }
+  });
+}
+
+// grad_input and grad_weight (either may be undefined) of a pointwise convolution.
+void backward_pointwise(const Tensor& grad_out, const Tensor& x, const Tensor& w,
+                        const Conv2dGeometry& g, Tensor& grad_input, Tensor& grad_weight) {
+  const int64_t in_per_group = g.in_per_group(), out_per_group = g.out_per_group();
+  const Tensor w3 = w.view({g.groups, out_per_group, in_per_group});
+  const Tensor x3 = x.view({g.batch, g.in_channels, g.in_h * g.in_w});
+  const Tensor go4 = grad_out.view({g.batch, g.groups, out_per_group, g.out_h * g.out_w});
+  const Tensor gi3 = grad_input.defined() ? grad_input.view(x3.sizes()) : Tensor();
+  // Each thread sums grad_weight over its own images; the sums are added in
+  // thread order at the end, so the result does not depend on scheduling.
+  std::vector<Tensor> partial(at::get_num_threads());
+  for_each_image(g.batch, 0, x.options(), [&](int64_t n, Tensor&) {
+    for (int64_t grp = 0; grp < g.groups; ++grp) {
+      const Tensor go = go4[n][grp];
+      if (grad_weight.defined()) {
+        Tensor& sums = partial[at::get_thread_num()];
+        if (!sums.defined()) sums = at::zeros({g.groups, out_per_group, in_per_group}, x.options());
+        sums[grp].addmm_(go, x3[n].narrow(0, grp * in_per_group, in_per_group).t());
+      }
+      if (grad_input.defined()) {
+        Tensor dst = gi3[n].narrow(0, grp * in_per_group, in_per_group);
+        at::mm_out(dst, w3[grp].t(), go);
+      }
+    }
+  });
+  if (grad_weight.defined()) {
+    Tensor gw3 = grad_weight.view({g.groups, out_per_group, in_per_group});
+    for (const Tensor& sums : partial) {
+      if (sums.defined()) gw3.add_(sums);
+    }
+  }
+}
+
+// The adjoint of im2col: in[c, oh*sh + i*dh - ph, ow*sw + j*dw - pw] +=
+// col[(c, i, j), (oh, ow)]. Parallel over channels, so no two threads touch
+// the same input element.
 template <typename T>
 void col2im_add(const T* col, int64_t channels, const Conv2dGeometry& g, T* in) {
   const int64_t taps = g.kernel_h * g.kernel_w, plane = g.out_h * g.out_w;
@@ -104,12 +545,7 @@ void col2im_add(const T* col, int64_t channels, const Conv2dGeometry& g, T* in) 
           for (int64_t oh = t.rows.lo; oh < t.rows.hi; ++oh) {
             const T* row = src + oh * g.out_w;
             T* dst = in + (c * g.in_h + oh * g.stride_h + t.row_offset) * g.in_w + t.col_offset;
-            if (g.stride_w == 1) {
-#pragma omp simd
-              for (int64_t ow = t.cols.lo; ow < t.cols.hi; ++ow) dst[ow] += row[ow];
-            } else {
-              for (int64_t ow = t.cols.lo; ow < t.cols.hi; ++ow) dst[ow * g.stride_w] += row[ow];
-            }
+            for (int64_t ow = t.cols.lo; ow < t.cols.hi; ++ow) dst[ow * g.stride_w] += row[ow];
           }
         }
       }
@@ -117,237 +553,29 @@ void col2im_add(const T* col, int64_t channels, const Conv2dGeometry& g, T* in) 
   });
 }
 
-// A 1x1 kernel with unit stride and no padding reads the input as it is.
-bool is_pointwise(const Conv2dGeometry& g) {
-  return g.kernel_h == 1 && g.kernel_w == 1 && g.stride_h == 1 && g.stride_w == 1 &&
-         g.pad_h == 0 && g.pad_w == 0;
-}
-
-// Runs body(n, col) for every image n, col being a scratch tensor of `col_size`
-// elements owned by the calling thread. With at least one image per thread,
-// threads take whole images and the GEMMs inside run single-threaded; with
-// fewer images, images run in turn and the loops and GEMMs inside use all
-// threads.
-template <typename Body>
-void for_each_image(int64_t batch, int64_t col_size, const at::TensorOptions& options, Body body) {
-  auto run = [&](int64_t begin, int64_t end) {
-    // Dispatch guards are thread-local: worker threads need their own.
-    at::AutoDispatchBelowADInplaceOrView no_autograd;
-    Tensor col = at::empty({col_size}, options);
-    for (int64_t n = begin; n < end; ++n) body(n, col);
-  };
-  if (batch >= at::get_num_threads()) {
-    at::parallel_for(0, batch, 1, run);
-  } else {
-    run(0, batch);
-  }
-}
-
+// grad_input (zero on entry) of a strided convolution: per image and group the
+// columns W^T grad_output, folded onto the input.
 template <typename T>
-void forward_gemm(const Tensor& x, const Tensor& w, const std::optional<Tensor>& bias,
-                  const Conv2dGeometry& g, Tensor& out) {
+void grad_input_col2im(const Tensor& grad_out, const Tensor& w, const Conv2dGeometry& g,
+                       Tensor& grad_input) {
   const int64_t in_per_group = g.in_per_group(), out_per_group = g.out_per_group();
   const int64_t rows = in_per_group * g.kernel_h * g.kernel_w, plane = g.out_h * g.out_w;
-  const bool pointwise = is_pointwise(g);
   const Tensor w3 = w.view({g.groups, out_per_group, rows});
-  const Tensor x3 = x.view({g.batch, g.in_channels, g.in_h * g.in_w});
-  const Tensor out4 = out.view({g.batch, g.groups, out_per_group, plane});
-  const T* x_data = x.const_data_ptr<T>();
-  for_each_image(g.batch, pointwise ? 0 : rows * plane, x.options(), [&](int64_t n, Tensor& col) {
-    for (int64_t grp = 0; grp < g.groups; ++grp) {
-      Tensor cols;
-      if (pointwise) {
-        cols = x3[n].narrow(0, grp * in_per_group, in_per_group);
-      } else {
-        im2col(x_data + (n * g.in_channels + grp * in_per_group) * g.in_h * g.in_w,
-               in_per_group, g, col.mutable_data_ptr<T>());
-        cols = col.view({rows, plane});
-      }
-      Tensor dst = out4[n][grp];
-      if (bias.has_value()) {
-        at::addmm_out(dst, bias->narrow(0, grp * out_per_group, out_per_group).unsqueeze(1),
-                      w3[grp], cols);
-      } else {
-        at::mm_out(dst, w3[grp], cols);
-      }
-    }
-  });
-}
-
-// grad_input and grad_weight of the GEMM path; either may be undefined.
-template <typename T>
-void backward_gemm(const Tensor& grad_out, const Tensor& x, const Tensor& w,
-                   const Conv2dGeometry& g, Tensor& grad_input, Tensor& grad_weight) {
-  const int64_t in_per_group = g.in_per_group(), out_per_group = g.out_per_group();
-  const int64_t rows = in_per_group * g.kernel_h * g.kernel_w, plane = g.out_h * g.out_w;
-  const int64_t image = g.in_channels * g.in_h * g.in_w;
-  const bool pointwise = is_pointwise(g);
-  const Tensor w3 = w.view({g.groups, out_per_group, rows});
-  const Tensor x3 = x.view({g.batch, g.in_channels, g.in_h * g.in_w});
   const Tensor go4 = grad_out.view({g.batch, g.groups, out_per_group, plane});
-  const T* x_data = x.const_data_ptr<T>();
-  Tensor gi3 = grad_input.defined()
-                   ? grad_input.view({g.batch, g.in_channels, g.in_h * g.in_w})
-                   : Tensor();
-
-  // Each thread sums grad_weight over its own images; the sums are added in
-  // thread order at the end, so the result does not depend on scheduling.
-  std::vector<Tensor> partial_grad_weight(at::get_num_threads());
-  for_each_image(g.batch, pointwise ? 0 : rows * plane, x.options(), [&](int64_t n, Tensor& col) {
-    for (int64_t grp = 0; grp < g.groups; ++grp) {
-      const Tensor go = go4[n][grp];
-      if (grad_weight.defined()) {
-        Tensor cols;
-        if (pointwise) {
-          cols = x3[n].narrow(0, grp * in_per_group, in_per_group);
-        } else {
-          im2col(x_data + n * image + grp * in_per_group * g.in_h * g.in_w, in_per_group, g,
-                 col.mutable_data_ptr<T>());
-          cols = col.view({rows, plane});
-        }
-        Tensor& acc = partial_grad_weight[at::get_thread_num()];
-        if (!acc.defined()) acc = at::zeros({g.groups, out_per_group, rows}, x.options());
-        acc[grp].addmm_(go, cols.t());
-      }
-      if (grad_input.defined()) {
-        Tensor dst = gi3[n].narrow(0, grp * in_per_group, in_per_group);
-        if (pointwise) {
-          at::mm_out(dst, w3[grp].t(), go);
-        } else {
-          Tensor cols = col.view({rows, plane});
-          at::mm_out(cols, w3[grp].t(), go);
-          col2im_add(cols.const_data_ptr<T>(), in_per_group, g, dst.mutable_data_ptr<T>());
-        }
-      }
-    }
-  });
-  if (grad_weight.defined()) {
-    Tensor gw3 = grad_weight.view({g.groups, out_per_group, rows});
-    gw3.zero_();
-    for (const Tensor& acc : partial_grad_weight) {
-      if (acc.defined()) gw3.add_(acc);
-    }
-  }
-}
-
-// ---------------------------------------------------------------------------
-// Direct loops, for one input channel per group.
-
-template <typename T>
-void forward_direct(const Tensor& x, const Tensor& w, const std::optional<Tensor>& bias,
-                    const Conv2dGeometry& g, Tensor& out) {
-  const int64_t out_per_group = g.out_per_group(), taps = g.kernel_h * g.kernel_w;
-  const T* x_data = x.const_data_ptr<T>();
-  const T* w_data = w.const_data_ptr<T>();
-  const T* b_data = bias.has_value() ? bias->const_data_ptr<T>() : nullptr;
-  T* out_data = out.mutable_data_ptr<T>();
-  const int64_t planes = g.batch * g.out_channels;
-  at::parallel_for(0, planes, grain_for(taps * g.out_h * g.out_w), [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) {
-      const int64_t n = p / g.out_channels, k = p % g.out_channels;
-      const T* src = x_data + (n * g.in_channels + k / out_per_group) * g.in_h * g.in_w;
-      const T* wk = w_data + k * taps;
-      T* dst = out_data + p * g.out_h * g.out_w;
-      std::fill(dst, dst + g.out_h * g.out_w, b_data ? b_data[k] : T(0));
-      for (int64_t i = 0; i < g.kernel_h; ++i) {
-        for (int64_t j = 0; j < g.kernel_w; ++j) {
-          const Tap t = tap(g, i, j);
-          const T wv = wk[i * g.kernel_w + j];
-          for (int64_t oh = t.rows.lo; oh < t.rows.hi; ++oh) {
-            const T* in_row =
-                src + (oh * g.stride_h + t.row_offset) * g.in_w + t.col_offset;
-            T* out_row = dst + oh * g.out_w;
-            if (g.stride_w == 1) {
-#pragma omp simd
-              for (int64_t ow = t.cols.lo; ow < t.cols.hi; ++ow) out_row[ow] += wv * in_row[ow];
-            } else {
-              for (int64_t ow = t.cols.lo; ow < t.cols.hi; ++ow)
-                out_row[ow] += wv * in_row[ow * g.stride_w];
-            }
-          }
-        }
-      }
-    }
-  });
-}
-
-template <typename T>
-void backward_input_direct(const Tensor& grad_out, const Tensor& w, const Conv2dGeometry& g,
-                           Tensor& grad_input) {
-  const int64_t out_per_group = g.out_per_group(), taps = g.kernel_h * g.kernel_w;
-  const T* go_data = grad_out.const_data_ptr<T>();
-  const T* w_data = w.const_data_ptr<T>();
+  grad_input.zero_();
   T* gi_data = grad_input.mutable_data_ptr<T>();
-  const int64_t planes = g.batch * g.in_channels, plane = g.out_h * g.out_w;
-  at::parallel_for(0, planes, grain_for(out_per_group * taps * plane), [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) {
-      const int64_t n = p / g.in_channels, c = p % g.in_channels;
-      T* dst = gi_data + p * g.in_h * g.in_w;
-      std::fill(dst, dst + g.in_h * g.in_w, T(0));
-      for (int64_t k = c * out_per_group; k < (c + 1) * out_per_group; ++k) {
-        const T* src = go_data + (n * g.out_channels + k) * plane;
-        for (int64_t i = 0; i < g.kernel_h; ++i) {
-          for (int64_t j = 0; j < g.kernel_w; ++j) {
-            const Tap t = tap(g, i, j);
-            const T wv = w_data[k * taps + i * g.kernel_w + j];
-            for (int64_t oh = t.rows.lo; oh < t.rows.hi; ++oh) {
-              const T* go_row = src + oh * g.out_w;
-              T* in_row = dst + (oh * g.stride_h + t.row_offset) * g.in_w + t.col_offset;
-              if (g.stride_w == 1) {
-#pragma omp simd
-                for (int64_t ow = t.cols.lo; ow < t.cols.hi; ++ow) in_row[ow] += wv * go_row[ow];
-              } else {
-                for (int64_t ow = t.cols.lo; ow < t.cols.hi; ++ow)
-                  in_row[ow * g.stride_w] += wv * go_row[ow];
-              }
-            }
-          }
-        }
-      }
-    }
-  });
-}
-
-template <typename T>
-void backward_weight_direct(const Tensor& grad_out, const Tensor& x, const Conv2dGeometry& g,
-                            Tensor& grad_weight) {
-  const int64_t out_per_group = g.out_per_group(), taps = g.kernel_h * g.kernel_w;
-  const int64_t plane = g.out_h * g.out_w;
-  const T* go_data = grad_out.const_data_ptr<T>();
-  const T* x_data = x.const_data_ptr<T>();
-  T* gw_data = grad_weight.mutable_data_ptr<T>();
-  // One task per weight element: a dot product over all images and outputs.
-  at::parallel_for(0, g.out_channels * taps, grain_for(g.batch * plane), [&](int64_t begin, int64_t end) {
-    for (int64_t e = begin; e < end; ++e) {
-      const int64_t k = e / taps, i = e % taps / g.kernel_w, j = e % g.kernel_w;
-      const int64_t c = k / out_per_group;
-      const Tap t = tap(g, i, j);
-      T total = 0;
-      for (int64_t n = 0; n < g.batch; ++n) {
-        const T* go = go_data + (n * g.out_channels + k) * plane;
-        const T* in = x_data + (n * g.in_channels + c) * g.in_h * g.in_w;
-        T sum = 0;
-        for (int64_t oh = t.rows.lo; oh < t.rows.hi; ++oh) {
-          const T* go_row = go + oh * g.out_w;
-          const T* in_row = in + (oh * g.stride_h + t.row_offset) * g.in_w + t.col_offset;
-          if (g.stride_w == 1) {
-#pragma omp simd reduction(+ : sum)
-            for (int64_t ow = t.cols.lo; ow < t.cols.hi; ++ow) sum += go_row[ow] * in_row[ow];
-          } else {
-            for (int64_t ow = t.cols.lo; ow < t.cols.hi; ++ow)
-              sum += go_row[ow] * in_row[ow * g.stride_w];
-          }
-        }
-        total += sum;
-      }
-      gw_data[e] = total;
+  for_each_image(g.batch, rows * plane, w.options(), [&](int64_t n, Tensor& scratch) {
+    Tensor cols = scratch.view({rows, plane});
+    for (int64_t grp = 0; grp < g.groups; ++grp) {
+      at::mm_out(cols, w3[grp].t(), go4[n][grp]);
+      col2im_add(cols.const_data_ptr<T>(), in_per_group, g,
+                 gi_data + (n * g.in_channels + grp * in_per_group) * g.in_h * g.in_w);
     }
   });
 }
 
 // ---------------------------------------------------------------------------
-
-bool use_direct(const Conv2dGeometry& g) { return g.in_per_group() == 1; }
+// Entry points
 
 template <typename T>
 void grad_bias_sum(const Tensor& grad_out, const Conv2dGeometry& g, Tensor& grad_bias) {
@@ -400,10 +628,10 @@ Tensor conv2d_cpu(const Tensor& input, const Tensor& weight, const std::optional
   Tensor out = at::empty(g.output_sizes(), x.options());
   if (g.batch > 0) {
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pyconvext.conv2d", [&] {
-      if (use_direct(g)) {
-        forward_direct<scalar_t>(x, w, b, g, out);
+      if (is_pointwise(g)) {
+        forward_pointwise(x, w, b, g, out);
       } else {
-        forward_gemm<scalar_t>(x, w, b, g, out);
+        forward_direct<scalar_t>(x, w, b, g, out);
       }
     });
   }
@@ -421,16 +649,24 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_backward_cpu(
   const Tensor x = prepare(input, g.batched);
   const Tensor w = prepare(weight, true);
   Tensor grad_input, grad_weight, grad_bias;
-  if (output_mask[0]) grad_input = at::zeros(x.sizes(), x.options());
+  if (output_mask[0]) grad_input = at::empty(x.sizes(), x.options());
   if (output_mask[1]) grad_weight = at::zeros(w.sizes(), w.options());
   if (output_mask[2]) grad_bias = at::zeros({g.out_channels}, go.options());
-  if (g.batch > 0) {
+  if (g.batch == 0) {
+    if (grad_input.defined()) grad_input.zero_();
+  } else {
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pyconvext.conv2d_backward", [&] {
-      if (use_direct(g)) {
-        if (grad_input.defined()) backward_input_direct<scalar_t>(go, w, g, grad_input);
-        if (grad_weight.defined()) backward_weight_direct<scalar_t>(go, x, g, grad_weight);
+      if (is_pointwise(g)) {
+        backward_pointwise(go, x, w, g, grad_input, grad_weight);
       } else {
-        backward_gemm<scalar_t>(go, x, w, g, grad_input, grad_weight);
+        if (grad_input.defined()) {
+          if (grad_input_is_convolution(g)) {
+            grad_input_direct<scalar_t>(go, w, g, grad_input);
+          } else {
+            grad_input_col2im<scalar_t>(go, w, g, grad_input);
+          }
+        }
+        if (grad_weight.defined()) grad_weight_direct<scalar_t>(go, x, g, grad_weight);
       }
       if (grad_bias.defined()) grad_bias_sum<scalar_t>(go, g, grad_bias);
     });
@@ -441,7 +677,9 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_backward_cpu(
   if (grad_weight.defined()) {
     grad_weight = finish(grad_weight, weight.scalar_type(), g.memory_format, true);
   }
-  if (grad_bias.defined()) grad_bias = finish(grad_bias, grad_output.scalar_type(), at::MemoryFormat::Contiguous, true);
+  if (grad_bias.defined()) {
+    grad_bias = finish(grad_bias, grad_output.scalar_type(), at::MemoryFormat::Contiguous, true);
+  }
   return {grad_input, grad_weight, grad_bias};
 }
 
