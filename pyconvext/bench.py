@@ -113,7 +113,7 @@ def race(native, ours, min_time=2.0, min_rounds=7):
     return statistics.median(samples[0]), statistics.median(samples[1])
 
 
-def _conv2d_cases(layer, device, dtype):
+def conv2d_cases(layer, device="cpu", dtype=torch.float32):
     """(mode, native fn, ours fn, flops) for one catalog layer."""
     gen = torch.Generator().manual_seed(0)
 
@@ -144,7 +144,7 @@ def _conv2d_cases(layer, device, dtype):
     ]
 
 
-CASES = {"conv2d": _conv2d_cases}
+CASES = {"conv2d": conv2d_cases}
 
 
 def run(op, device="cpu", dtype=torch.float32, layers=None, min_time=2.0, progress=None):

@@ -1,14 +1,15 @@
 // CPU kernels for pyconvext::conv2d and pyconvext::conv2d_backward.
 //
-// Two algorithms, both computing in float32 (float16 and bfloat16 inputs are
-// widened once and the result is rounded once) or float64:
-//  * direct loops, for convolutions with one input channel per group
-//    (depthwise layers, single-channel images), where a GEMM would have an
-//    inner dimension of only kH*kW;
-//  * im2col + GEMM per image and group: our own im2col / col2im into a buffer
-//    of one image, then ATen's GEMM (at::mm / at::addmm).
-// Tensors are processed as contiguous NCHW; other layouts are copied in and
-// the results are returned in the layout native PyTorch returns.
+// They compute in float32 (float16 and bfloat16 are widened once and rounded
+// once at the end) or float64, on contiguous NCHW copies of the inputs, and
+// return results in the dtype and memory format native PyTorch returns.
+//  * Direct kernels, for most convolutions: the forward, the input gradient of
+//    unit-stride convolutions and the weight gradient, register-tiled and
+//    vectorized over output pixels ("virtual pixels" below), compiled for each
+//    instruction set (cpu/simd.h).
+//  * ATen's GEMM, where the data need no rearranging: 1x1 unit-stride
+//    convolutions, and the input gradient of strided convolutions (a GEMM,
+//    then our col2im).
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -51,17 +52,6 @@ Span valid_outputs(int64_t out_size, int64_t in_size, int64_t stride, int64_t of
   const int64_t last = in_size - 1 - offset;
   const int64_t hi = last >= 0 ? std::min(out_size, last / stride + 1) : 0;
   return {std::min(lo, hi), hi};
-}
-
-// The spans of one kernel tap (i, j) along both axes, and its input offsets.
-struct Tap {
-  Span rows, cols;
-  int64_t row_offset, col_offset;
-};
-Tap tap(const Conv2dGeometry& g, int64_t i, int64_t j) {
-  const int64_t row_offset = i * g.dil_h - g.pad_h, col_offset = j * g.dil_w - g.pad_w;
-  return {valid_outputs(g.out_h, g.in_h, g.stride_h, row_offset),
-          valid_outputs(g.out_w, g.in_w, g.stride_w, col_offset), row_offset, col_offset};
 }
 
 // Direct convolution on "virtual pixels", vectorized over output pixels.
@@ -528,6 +518,17 @@ void backward_pointwise(const Tensor& grad_out, const Tensor& x, const Tensor& w
       if (sums.defined()) gw3.add_(sums);
     }
   }
+}
+
+// The spans of one kernel tap (i, j) along both axes, and its input offsets.
+struct Tap {
+  Span rows, cols;
+  int64_t row_offset, col_offset;
+};
+Tap tap(const Conv2dGeometry& g, int64_t i, int64_t j) {
+  const int64_t row_offset = i * g.dil_h - g.pad_h, col_offset = j * g.dil_w - g.pad_w;
+  return {valid_outputs(g.out_h, g.in_h, g.stride_h, row_offset),
+          valid_outputs(g.out_w, g.in_w, g.stride_w, col_offset), row_offset, col_offset};
 }
 
 // The adjoint of im2col: in[c, oh*sh + i*dh - ph, ow*sw + j*dw - pw] +=

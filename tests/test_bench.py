@@ -1,0 +1,68 @@
+"""The benchmark harness: the catalog the issue names, and the command line."""
+
+import csv
+import subprocess
+import sys
+
+from pyconvext.bench import CONV2D_CATALOG, geomean
+from test_build import ROOT
+
+# (name, N, C, H, W, K, kernel, stride, padding, groups) as the foundation issue lists them.
+REQUIRED = [
+    ("mnist.conv1", 64, 1, 28, 28, 10, 5, 1, 0, 1),
+    ("mnist.conv2", 64, 10, 12, 12, 20, 5, 1, 0, 1),
+    ("lenet5.c3", 64, 6, 14, 14, 16, 5, 1, 0, 1),
+    ("alexnet.conv1", 8, 3, 224, 224, 64, 11, 4, 2, 1),
+    ("zfnet.conv1", 8, 3, 224, 224, 96, 7, 2, 1, 1),
+    ("vgg.conv3", 4, 128, 56, 56, 256, 3, 1, 1, 1),
+    ("googlenet.5x5", 8, 16, 28, 28, 32, 5, 1, 2, 1),
+    ("googlenet.1x1", 8, 192, 28, 28, 64, 1, 1, 0, 1),
+    ("resnet.stem", 8, 3, 224, 224, 64, 7, 2, 3, 1),
+    ("resnet.l3", 8, 256, 14, 14, 256, 3, 1, 1, 1),
+    ("depthwise", 8, 32, 112, 112, 32, 3, 1, 1, 32),
+]
+
+
+def test_catalog_has_the_required_layers():
+    catalog = {
+        layer.name: (layer.name, layer.batch, layer.in_channels, layer.height, layer.width,
+                     layer.out_channels, layer.kernel, layer.stride, layer.padding, layer.groups)
+        for layer in CONV2D_CATALOG
+    }
+    for required in REQUIRED:
+        assert catalog.get(required[0]) == required
+
+
+def test_geomean():
+    assert abs(geomean([2.0, 0.5, 1.0]) - 1.0) < 1e-12
+    assert abs(geomean([4.0, 1.0]) - 2.0) < 1e-12
+
+
+def test_bench_command(tmp_path):
+    out_csv, out_md = tmp_path / "conv2d.csv", tmp_path / "conv2d.md"
+    result = subprocess.run(
+        [sys.executable, "-m", "pyconvext", "bench", "--op", "conv2d", "--layers", "mnist.conv2",
+         "lenet5.c3", "--min-time", "0.05", "--csv", str(out_csv), "--markdown", str(out_md)],
+        capture_output=True, text=True, cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "forward+backward: geometric mean speedup" in result.stdout
+    rows = list(csv.DictReader(out_csv.open()))
+    assert [(r["layer"], r["mode"]) for r in rows] == [
+        ("mnist.conv2", "forward"), ("mnist.conv2", "forward+backward"),
+        ("lenet5.c3", "forward"), ("lenet5.c3", "forward+backward"),
+    ]
+    for r in rows:
+        native, ours = float(r["native_ms"]), float(r["ours_ms"])
+        assert native > 0 and ours > 0
+        assert abs(float(r["speedup"]) - native / ours) < 1e-3
+    assert "| mnist.conv2 |" in out_md.read_text()
+
+
+def test_bench_refuses_unknown_layer():
+    result = subprocess.run(
+        [sys.executable, "-m", "pyconvext", "bench", "--op", "conv2d", "--layers", "nope"],
+        capture_output=True, text=True, cwd=ROOT,
+    )
+    assert result.returncode != 0
+    assert "no layer matched" in result.stderr
