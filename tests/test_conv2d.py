@@ -196,6 +196,22 @@ def test_layouts(gen, input_layout, weight_layout, groups):
         assert layout(got) == layout(layout_of), f"{what}: strides {got.stride()} vs native {layout_of.stride()}"
 
 
+@pytest.mark.parametrize("name,input_shape,weight_shape,kwargs", CASES[::2], ids=CASE_IDS[::2])
+def test_non_finite_values_propagate_as_native(gen, name, input_shape, weight_shape, kwargs):
+    """inf and NaN reach exactly the outputs and gradients they reach natively:
+    in particular values next to the padding, which the kernels read while
+    computing the columns they drop, must not leak into grad_weight."""
+    x, w, b = make_inputs(gen, input_shape, weight_shape, torch.float64)
+    x[..., -1] = float("inf")
+    x.view(-1)[len(x.view(-1)) // 3] = float("nan")
+    x[..., 0, 0] = -float("inf")
+    grad_out = random_grad_out(gen, x.nan_to_num(), w, b, kwargs)
+    ours = run(P.conv2d, x, w, b, grad_out, kwargs)
+    native = run(F.conv2d, x, w, b, grad_out, kwargs)
+    for got, want, what in zip(ours, native, ["output", "grad_input", "grad_weight", "grad_bias"]):
+        assert_close(got, want, equal_nan=True, msg=lambda m: f"{what}: {m}")
+
+
 @pytest.mark.parametrize("layout_", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_inputs_never_modified(gen, dtype, layout_):
