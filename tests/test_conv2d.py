@@ -339,6 +339,18 @@ def test_torch_compile_fullgraph(gen):
         assert_close(got, want)
 
 
+def test_torch_export_keeps_our_operator(gen):
+    model = torch.nn.Sequential(
+        pyconvext.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), pyconvext.nn.Conv2d(8, 4, 3, stride=2, groups=4)
+    ).eval()
+    x = randn(gen, 2, 3, 12, 12)
+    exported = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    targets = [node.target for node in exported.graph.nodes if node.op == "call_function"]
+    assert targets.count(torch.ops.pyconvext.conv2d.default) == 2
+    x5 = randn(gen, 5, 3, 12, 12)
+    assert_close(exported.module()(x5), model(x5))
+
+
 # --- bad input -------------------------------------------------------------------------
 
 def t(*shape, dtype=torch.float32):
