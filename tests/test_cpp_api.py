@@ -1,6 +1,7 @@
 """The CMake build for libtorch programs: builds the library and
 tests/cpp/conv2d_check.cpp (pyconvext::conv2d through csrc/pyconvext.h against
-at::conv2d) and runs the program."""
+at::conv2d) and runs the program, without and (where a CUDA toolkit is found)
+with WITH_CUDA."""
 
 import glob
 import os
@@ -14,12 +15,16 @@ import torch
 from test_build import ROOT, load_setup_module
 
 
-def cmake_cuda_arguments():
-    """A CUDA build of torch makes find_package(Torch) look for the CUDA toolkit,
-    and for libnvrtc, which pip installs beside torch rather than in the toolkit."""
+def cuda_home_or_skip():
     cuda_home = load_setup_module().find_cuda_home()
     if cuda_home is None:
-        pytest.skip("torch is a CUDA build, and its CMake config needs a CUDA toolkit: none found")
+        pytest.skip("no CUDA toolkit found")
+    return cuda_home
+
+
+def cmake_cuda_arguments(cuda_home):
+    """A CUDA build of torch makes find_package(Torch) look for the CUDA toolkit,
+    and for libnvrtc, which pip installs beside torch rather than in the toolkit."""
     arguments = [f"-DCUDA_TOOLKIT_ROOT_DIR={cuda_home}"]
     if not glob.glob(os.path.join(cuda_home, "lib*", "libnvrtc.so*")):
         import nvidia
@@ -30,12 +35,19 @@ def cmake_cuda_arguments():
     return arguments
 
 
-def test_cmake_build_and_cpp_api(tmp_path):
+@pytest.mark.parametrize("with_cuda", [False, True], ids=["cpu", "with_cuda"])
+def test_cmake_build_and_cpp_api(tmp_path, with_cuda):
     cmake = shutil.which("cmake")
     assert cmake, "cmake is required (pip install cmake)"
     configure = [cmake, "-S", str(ROOT), "-B", str(tmp_path), f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}"]
-    if torch.version.cuda:
-        configure += cmake_cuda_arguments()
+    if torch.version.cuda or with_cuda:
+        if with_cuda and not torch.version.cuda:
+            pytest.skip("torch is a CPU-only build")
+        # torch's CMake config needs the toolkit whenever torch is a CUDA build.
+        cuda_home = cuda_home_or_skip()
+        configure += cmake_cuda_arguments(cuda_home)
+    if with_cuda:
+        configure += ["-DWITH_CUDA=ON", f"-DCMAKE_CUDA_COMPILER={cuda_home}/bin/nvcc"]
     # Without it, torch's CMake config probes for GPUs by compiling a CUDA program.
     env = {**os.environ, "TORCH_CUDA_ARCH_LIST": os.environ.get("TORCH_CUDA_ARCH_LIST", "9.0")}
     for command in (configure, [cmake, "--build", str(tmp_path), "-j", str(os.cpu_count() or 1)]):
