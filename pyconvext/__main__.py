@@ -22,7 +22,7 @@ def run_bench(args):
         sys.exit("pyconvext bench: --device cuda, but no CUDA GPU is visible")
     ops = list(bench.CATALOGS) if args.op == "all" else [args.op]
     print(f"# {bench.machine(args.device)}; {args.dtype}", flush=True)
-    print("  ".join(f"{h:>{w}}" for h, w in zip(bench.HEADER, bench.WIDTHS)), flush=True)
+    bench.print_line(bench.HEADER)
     results = []
     for op in ops:
         results += bench.run(op, args.device, DTYPES[args.dtype], layers=args.layers,

@@ -187,6 +187,7 @@ def _cpu_model():
 
 
 HEADER = ("layer", "shape", "mode", "native ms", "ours ms", "speedup", "GFLOP/s")
+WIDTHS = (14, 30, 16, 10, 10, 8, 8)  # of the columns of the console table
 
 
 def row(result):
@@ -226,9 +227,9 @@ def write_csv(results, path):
                              f"{r.ours_ms:.4f}", f"{r.speedup:.4f}", f"{r.gflops:.2f}"])
 
 
+def print_line(cells, file=sys.stdout):
+    print("  ".join(f"{cell:>{width}}" for cell, width in zip(cells, WIDTHS)), file=file, flush=True)
+
+
 def print_row(result, file=sys.stdout):
-    print("  ".join(f"{cell:>{width}}" for cell, width in zip(row(result), WIDTHS)), file=file,
-          flush=True)
-
-
-WIDTHS = (14, 30, 16, 10, 10, 8, 8)
+    print_line(row(result), file)
