@@ -63,7 +63,10 @@ Span valid_outputs(int64_t out_size, int64_t in_size, int64_t stride, int64_t of
 // channel, so a run of consecutive outputs reads a run of consecutive inputs,
 // for any stride, padding and dilation. The columns ow >= out_w of this
 // numbering are computed and dropped; zeros after each channel keep whole
-// vector loads inside it.
+// vector loads inside it. With unit stride along rows, neighbouring rows
+// share their zero padding (row u's right padding is row u + 1's left), which
+// halves the dropped columns of "same" convolutions; this needs output rows no
+// wider than the shared pitch, i.e. padding <= dilation * (kernel - 1).
 struct DirectLayout {
   int64_t phase_h, phase_w, phase_size;
   int64_t virtual_pixels;        // out_h * phase_w
@@ -77,9 +80,10 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 DirectLayout direct_layout(const Conv2dGeometry& g, int64_t element_size) {
   DirectLayout l;
+  const bool shared_padding = g.stride_w == 1 && g.pad_w <= g.dil_w * (g.kernel_w - 1);
   l.phase_h = ceil_div(g.in_h + 2 * g.pad_h, g.stride_h);
-  l.phase_w = ceil_div(g.in_w + 2 * g.pad_w, g.stride_w);
-  l.phase_size = l.phase_h * l.phase_w;
+  l.phase_w = shared_padding ? g.in_w + g.pad_w : ceil_div(g.in_w + 2 * g.pad_w, g.stride_w);
+  l.phase_size = l.phase_h * l.phase_w + (shared_padding ? g.pad_w : 0);
   l.virtual_pixels = g.out_h * l.phase_w;
   int64_t max_offset = 0;
   for (int64_t i = 0; i < g.kernel_h; ++i) {
