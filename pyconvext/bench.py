@@ -4,10 +4,12 @@ pyconvext's operators against native PyTorch on the same inputs.
 Speedup = native time / ours. Both run in this process on the same tensors,
 interleaved round by round (so a noisy machine slows both alike), after
 warm-up, through torch.utils.benchmark.Timer (which synchronizes CUDA) with all
-of torch's threads; each time is the median over the rounds.
+of torch's threads; each time is the median over the rounds. With glibc, freed
+memory is kept in the process (see keep_freed_memory).
 """
 
 import csv
+import ctypes
 import dataclasses
 import math
 import platform
@@ -92,6 +94,23 @@ class Result:
         return self.native_ms / self.ours_ms
 
 
+def keep_freed_memory():
+    """Stops glibc's malloc from handing large freed blocks back to the OS.
+
+    By default glibc maps allocations above a threshold that moves with the
+    allocation history, and unmaps them when freed, so code that allocates a
+    large workspace per call may pay its page faults on every call, or not,
+    depending on what ran before. Native conv2d's times swing up to 3x between
+    processes this way. Fixing both thresholds removes that for both sides.
+    Returns whether it took effect (False off glibc)."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 1 << 30))
+
+
 def _timer(fn, threads):
     return benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
 
@@ -152,6 +171,7 @@ def run(op, device="cpu", dtype=torch.float32, layers=None, min_time=2.0, progre
     if device == "cuda":
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
+    keep_freed_memory()
     results = []
     for layer in CATALOGS[op]:
         if layers and layer.name not in layers:
@@ -172,7 +192,8 @@ def machine(device="cpu"):
         where = torch.cuda.get_device_name()
     else:
         where = f"{_cpu_model()}, {torch.get_num_threads()} threads"
-    return f"{where}; torch {torch.__version__}; Python {platform.python_version()}"
+    malloc = "glibc malloc keeping freed memory" if keep_freed_memory() else "default malloc"
+    return f"{where}; torch {torch.__version__}; Python {platform.python_version()}; {malloc}"
 
 
 def _cpu_model():

@@ -74,7 +74,8 @@ struct DirectLayout {
   std::vector<int64_t> offsets;  // per tap (i, j), i major
 };
 
-constexpr int64_t kMaxTileBytes = 128;  // the widest pixel tile: two 64-byte vectors
+constexpr int64_t kMaxVectorBytes = 64;                 // AVX-512
+constexpr int64_t kMaxTileBytes = 8 * kMaxVectorBytes;  // the widest pixel tile
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -115,21 +116,37 @@ void prepare_direct_input(const T* x, int64_t planes, const Conv2dGeometry& g,
         const Span cols = valid_outputs(l.phase_w, g.in_w, g.stride_w, b - g.pad_w);
         for (int64_t u = rows.lo; u < rows.hi; ++u) {
           const T* row = src + (u * g.stride_h + a - g.pad_h) * g.in_w + b - g.pad_w;
-          for (int64_t v = cols.lo; v < cols.hi; ++v) phase[u * l.phase_w + v] = row[v * g.stride_w];
+          T* dst_row = phase + u * l.phase_w;
+          if (g.stride_w == 1) {
+            std::copy(row + cols.lo, row + cols.hi, dst_row + cols.lo);
+          } else {
+            for (int64_t v = cols.lo; v < cols.hi; ++v) dst_row[v] = row[v * g.stride_w];
+          }
         }
       }
     }
   }
 }
 
-// Output channels per register block: the tile has block x 2 vector
-// accumulators, which must fit the vector registers (32 for AVX-512, 16 else).
+// Vector accumulators of a forward tile: most of the vector registers (32 for
+// AVX-512, 16 else), the rest hold the loaded inputs and a weight.
+template <int Bytes>
+constexpr int kAccumulators = Bytes == 64 ? 24 : 12;
+
+// Output channels per register block: tiles at least two vectors wide.
 int64_t direct_max_block() {
   switch (simd::cpu_isa()) {
-    case simd::Isa::Avx512: return 12;
-    case simd::Isa::Avx2: return 6;
-    default: return 4;
+    case simd::Isa::Avx512: return kAccumulators<64> / 2;
+    case simd::Isa::Avx2: return kAccumulators<32> / 2;
+    default: return kAccumulators<16> / 2;
   }
+}
+
+// Vectors of pixels per tile for a block of R channels: the widest of 8, 4, 2
+// that fits, so that narrow blocks (depthwise layers) still get long tiles.
+template <int Bytes, int R>
+constexpr int tile_vectors() {
+  return R * 8 <= kAccumulators<Bytes> ? 8 : R * 4 <= kAccumulators<Bytes> ? 4 : 2;
 }
 
 // The output channels of a group split into blocks of `size` or `size - 1`.
@@ -173,75 +190,79 @@ void pack_direct_weight(const T* w, const Conv2dGeometry& g, const Blocks& block
   }
 }
 
-// One tile: R output channels x 2 vectors of virtual pixels, summed over the
+// One tile: R output channels x NV vectors of virtual pixels, summed over the
 // group's input channels and the kernel taps in registers.
-template <typename V, typename T, int R>
+template <typename V, typename T, int R, int NV>
 [[gnu::always_inline]] inline void direct_tile(const T* in, const int64_t* offsets, int64_t taps,
                                                int64_t channels, int64_t channel_size,
                                                const T* w, const T* bias, T* tile) {
   constexpr int lanes = sizeof(V) / sizeof(T);
-  V acc[R][2];
-  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = V{} + (bias ? bias[r] : T(0));
+  V acc[R][NV];
+  for (int r = 0; r < R; ++r) {
+    for (int v = 0; v < NV; ++v) acc[r][v] = V{} + (bias ? bias[r] : T(0));
+  }
   for (int64_t c = 0; c < channels; ++c) {
     const T* plane = in + c * channel_size;
     for (int64_t t = 0; t < taps; ++t, w += R) {
-      const V x0 = simd::load<V>(plane + offsets[t]);
-      const V x1 = simd::load<V>(plane + offsets[t] + lanes);
+      V x[NV];
+      for (int v = 0; v < NV; ++v) x[v] = simd::load<V>(plane + offsets[t] + v * lanes);
       for (int r = 0; r < R; ++r) {
-        acc[r][0] += w[r] * x0;
-        acc[r][1] += w[r] * x1;
+        for (int v = 0; v < NV; ++v) acc[r][v] += w[r] * x[v];
       }
     }
   }
   for (int r = 0; r < R; ++r) {
-    simd::store(tile + r * 2 * lanes, acc[r][0]);
-    simd::store(tile + r * 2 * lanes + lanes, acc[r][1]);
+    for (int v = 0; v < NV; ++v) simd::store(tile + (r * NV + v) * lanes, acc[r][v]);
+  }
+}
+
+// The tiles of one block of R output channels over virtual pixels
+// [q_begin, q_end), each stored to the real pixels (ow < out_w) of the output.
+template <typename V, typename T, int R, int NV>
+[[gnu::always_inline]] inline void direct_block(const DirectArgs<T>& a, const T* in, int64_t n,
+                                                int64_t k0, int64_t q_begin, int64_t q_end) {
+  constexpr int64_t width = NV * sizeof(V) / sizeof(T);
+  const T* w = a.weight + k0 * a.in_per_group * a.taps;
+  const T* bias = a.bias ? a.bias + k0 : nullptr;
+  T tile[R * width];
+  for (int64_t q0 = q_begin; q0 < q_end; q0 += width) {
+    direct_tile<V, T, R, NV>(in + q0, a.offsets, a.taps, a.in_per_group, a.channel_size, w, bias, tile);
+    const int64_t q_stop = std::min(q0 + width, q_end);
+    for (int64_t q = q0; q < q_stop;) {
+      const int64_t oh = q / a.phase_w, ow = q - oh * a.phase_w;
+      const int64_t row_end = std::min(q_stop, (oh + 1) * a.phase_w);
+      const int64_t count = std::min(row_end, oh * a.phase_w + a.out_w) - q;
+      for (int64_t r = 0; count > 0 && r < R; ++r) {
+        const T* src = tile + r * width + (q - q0);
+        std::copy(src, src + count, a.output + ((n * a.out_channels + k0 + r) * a.out_h + oh) * a.out_w + ow);
+      }
+      q = row_end;
+    }
   }
 }
 
 struct DirectForwardTiles {
   // Computes tiles [begin, end) of image n, group grp from its prepared input
-  // channels `in`; tile = block * tiles + pixel tile.
+  // channels `in`; tile = block * tiles + pixel tile of the widest width.
   template <int Bytes, typename T>
   [[gnu::always_inline]] void operator()(const DirectArgs<T>* args, const T* in, int64_t n,
                                          int64_t grp, int64_t begin, int64_t end) const {
     using V = simd::Vec<T, Bytes>;
-    constexpr int lanes = Bytes / sizeof(T), width = 2 * lanes;
+    constexpr int64_t max_width = kMaxTileBytes / sizeof(T);
     const DirectArgs<T>& a = *args;
-    T tile[12 * width];
     for (int64_t t = begin; t < end; ++t) {
       const int64_t block = t / a.tiles;
-      const int64_t k0 = grp * a.out_per_group + a.blocks.start(block), r_count = a.blocks.length(block);
-      const T* w = a.weight + k0 * a.in_per_group * a.taps;
-      const T* bias = a.bias ? a.bias + k0 : nullptr;
-      // Pixel tiles of the kernel's vector width within this tile of the widest width.
-      const int64_t q_begin = t % a.tiles * (kMaxTileBytes / sizeof(T));
-      const int64_t q_end = std::min(a.virtual_pixels, q_begin + kMaxTileBytes / int64_t(sizeof(T)));
-      for (int64_t q0 = q_begin; q0 < q_end; q0 += width) {
-        switch (r_count) {
-#define PYCONVEXT_TILE_CASE(R)                                                                      \
-  case R:                                                                                           \
-    direct_tile<V, T, R>(in + q0, a.offsets, a.taps, a.in_per_group, a.channel_size, w, bias, tile); \
-    break;
-          PYCONVEXT_TILE_CASE(1) PYCONVEXT_TILE_CASE(2) PYCONVEXT_TILE_CASE(3)
-          PYCONVEXT_TILE_CASE(4) PYCONVEXT_TILE_CASE(5) PYCONVEXT_TILE_CASE(6)
-          PYCONVEXT_TILE_CASE(7) PYCONVEXT_TILE_CASE(8) PYCONVEXT_TILE_CASE(9)
-          PYCONVEXT_TILE_CASE(10) PYCONVEXT_TILE_CASE(11) PYCONVEXT_TILE_CASE(12)
-#undef PYCONVEXT_TILE_CASE
-        }
-        // Copy the real pixels (ow < out_w) of the tile to the output rows.
-        const int64_t q_stop = std::min(q0 + width, q_end);
-        for (int64_t q = q0; q < q_stop;) {
-          const int64_t oh = q / a.phase_w, ow = q - oh * a.phase_w;
-          const int64_t row_end = std::min(q_stop, (oh + 1) * a.phase_w);
-          const int64_t count = std::min(row_end, oh * a.phase_w + a.out_w) - q;
-          for (int64_t r = 0; count > 0 && r < r_count; ++r) {
-            const T* src = tile + r * width + (q - q0);
-            std::copy(src, src + count,
-                      a.output + ((n * a.out_channels + k0 + r) * a.out_h + oh) * a.out_w + ow);
-          }
-          q = row_end;
-        }
+      const int64_t k0 = grp * a.out_per_group + a.blocks.start(block);
+      const int64_t q_begin = t % a.tiles * max_width;
+      const int64_t q_end = std::min(a.virtual_pixels, q_begin + max_width);
+      switch (a.blocks.length(block)) {
+#define PYCONVEXT_BLOCK_CASE(R) \
+  case R: direct_block<V, T, R, tile_vectors<Bytes, R>()>(a, in, n, k0, q_begin, q_end); break;
+        PYCONVEXT_BLOCK_CASE(1) PYCONVEXT_BLOCK_CASE(2) PYCONVEXT_BLOCK_CASE(3)
+        PYCONVEXT_BLOCK_CASE(4) PYCONVEXT_BLOCK_CASE(5) PYCONVEXT_BLOCK_CASE(6)
+        PYCONVEXT_BLOCK_CASE(7) PYCONVEXT_BLOCK_CASE(8) PYCONVEXT_BLOCK_CASE(9)
+        PYCONVEXT_BLOCK_CASE(10) PYCONVEXT_BLOCK_CASE(11) PYCONVEXT_BLOCK_CASE(12)
+#undef PYCONVEXT_BLOCK_CASE
       }
     }
   }
@@ -414,7 +435,7 @@ void grad_weight_direct(const Tensor& grad_out, const Tensor& x, const Conv2dGeo
 
   // grad_output on the virtual pixels (zero at the dropped columns), and the
   // mask of real pixels.
-  const int64_t vector = kMaxTileBytes / 2 / sizeof(T);
+  const int64_t vector = kMaxVectorBytes / sizeof(T);
   const int64_t pixels = ceil_div(l.virtual_pixels, vector) * vector;
   Tensor go = at::zeros({g.batch, g.out_channels, pixels}, grad_out.options());
   go.narrow(2, 0, l.virtual_pixels)
