@@ -11,6 +11,7 @@ memory is kept in the process (see keep_freed_memory).
 import csv
 import ctypes
 import dataclasses
+import functools
 import math
 import platform
 import statistics
@@ -94,6 +95,7 @@ class Result:
         return self.native_ms / self.ours_ms
 
 
+@functools.cache
 def keep_freed_memory():
     """Stops glibc's malloc from handing large freed blocks back to the OS.
 
@@ -102,7 +104,7 @@ def keep_freed_memory():
     large workspace per call may pay its page faults on every call, or not,
     depending on what ran before. Native conv2d's times swing up to 3x between
     processes this way. Fixing both thresholds removes that for both sides.
-    Returns whether it took effect (False off glibc)."""
+    Applied once; returns whether it took effect (False off glibc)."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
