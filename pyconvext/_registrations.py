@@ -28,7 +28,10 @@ def _output_size(size, kernel, stride, padding, dilation):
 
 
 def _conv_memory_format(input4d, weight):
-    """Native's rule: channels_last if the input or the weight suggests it."""
+    """Native's rule: channels_last if the input or the weight suggests it,
+    except for float64 on CUDA, which native (cuDNN) keeps in NCHW."""
+    if input4d.device.type == "cuda" and input4d.dtype == torch.float64:
+        return torch.contiguous_format
     suggest = torch._prims_common.suggest_memory_format
     if torch.channels_last in (suggest(input4d), suggest(weight)):
         return torch.channels_last

@@ -100,11 +100,15 @@ Conv2dGeometry check(
                 bias->sizes());
   }
 
+  // Native's rule: channels_last if the input or the weight suggests it,
+  // except for float64 on CUDA, which native (cuDNN) keeps in NCHW.
   const auto batched_input = g.batched ? input : input.unsqueeze(0);
-  g.memory_format = batched_input.suggest_memory_format() == at::MemoryFormat::ChannelsLast ||
-                            weight.suggest_memory_format() == at::MemoryFormat::ChannelsLast
-                        ? at::MemoryFormat::ChannelsLast
-                        : at::MemoryFormat::Contiguous;
+  const bool suggests_channels_last =
+      batched_input.suggest_memory_format() == at::MemoryFormat::ChannelsLast ||
+      weight.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+  const bool cuda_float64 = input.is_cuda() && input.scalar_type() == at::kDouble;
+  g.memory_format = suggests_channels_last && !cuda_float64 ? at::MemoryFormat::ChannelsLast
+                                                            : at::MemoryFormat::Contiguous;
   return g;
 }
 

@@ -26,7 +26,7 @@ struct Conv2dGeometry {
   int64_t stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;
   bool batched;  // false for 3-D (C, H, W) input
   // Layout native uses for the output and the gradients: channels_last if the
-  // input or the weight suggests it.
+  // input or the weight suggests it (but NCHW for float64 on CUDA).
   at::MemoryFormat memory_format;
 
   int64_t in_per_group() const { return in_channels / groups; }
