@@ -14,12 +14,24 @@ import torch
 from pyconvext.bench import CONV2D_CATALOG, conv2d_cases
 
 
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")),
+]
+
+
 @pytest.mark.parametrize("impl", ["native", "pyconvext"])
 @pytest.mark.parametrize("mode", ["forward", "forward+backward"])
 @pytest.mark.parametrize("layer", CONV2D_CATALOG, ids=lambda layer: layer.name)
-def test_conv2d(benchmark, layer, mode, impl):
-    cases = {name: (native, ours) for name, native, ours, _ in conv2d_cases(layer)}
+@pytest.mark.parametrize("device", DEVICES)
+def test_conv2d(benchmark, device, layer, mode, impl):
+    cases = {name: (native, ours) for name, native, ours, _ in conv2d_cases(layer, device)}
     fn = cases[mode][0 if impl == "native" else 1]
-    benchmark.group = f"conv2d {layer.name} {mode}"
-    benchmark.extra_info["threads"] = torch.get_num_threads()
-    benchmark(fn)
+    benchmark.group = f"conv2d {device} {layer.name} {mode}"
+    if device == "cuda":
+        torch.backends.cudnn.allow_tf32 = False  # both sides in true float32
+        benchmark.extra_info["gpu"] = torch.cuda.get_device_name()
+        benchmark(lambda: (fn(), torch.cuda.synchronize()))
+    else:
+        benchmark.extra_info["threads"] = torch.get_num_threads()
+        benchmark(fn)

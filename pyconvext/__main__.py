@@ -21,12 +21,14 @@ def run_bench(args):
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("pyconvext bench: --device cuda, but no CUDA GPU is visible")
     ops = list(bench.CATALOGS) if args.op == "all" else [args.op]
-    print(f"# {bench.machine(args.device)}; {args.dtype}", flush=True)
+    setting = f"{args.dtype}, batch x{args.batch_scale}" if args.batch_scale != 1 else args.dtype
+    print(f"# {bench.machine(args.device)}; {setting}", flush=True)
     bench.print_line(bench.HEADER)
     results = []
     for op in ops:
         results += bench.run(op, args.device, DTYPES[args.dtype], layers=args.layers,
-                             min_time=args.min_time, progress=bench.print_row)
+                             min_time=args.min_time, progress=bench.print_row,
+                             batch_scale=args.batch_scale)
     if not results:
         sys.exit(f"pyconvext bench: no layer matched {args.layers}")
     for line in bench.summary(results):
@@ -36,7 +38,7 @@ def run_bench(args):
         print(f"wrote {args.csv}")
     if args.markdown:
         with open(args.markdown, "w") as f:
-            f.write(f"Machine: {bench.machine(args.device)}; dtype {args.dtype}\n\n")
+            f.write(f"Machine: {bench.machine(args.device)}; {setting}\n\n")
             f.write(bench.markdown_table(results) + "\n\n")
             f.write("\n".join(f"- {line}" for line in bench.summary(results)) + "\n")
         print(f"wrote {args.markdown}")
@@ -54,6 +56,8 @@ def main(argv=None):
     p.add_argument("--layers", nargs="+", metavar="NAME", help="only these catalog layers")
     p.add_argument("--min-time", type=float, default=2.0,
                    help="seconds of measurement per layer and mode (default 2)")
+    p.add_argument("--batch-scale", type=int, default=1, metavar="K",
+                   help="multiply the catalog's batch sizes by K (e.g. 8 to fill a GPU)")
     p.add_argument("--csv", metavar="FILE", help="also write the results as CSV")
     p.add_argument("--markdown", metavar="FILE", help="also write a Markdown table")
     p.set_defaults(run=run_bench)

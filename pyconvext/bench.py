@@ -168,8 +168,10 @@ def conv2d_cases(layer, device="cpu", dtype=torch.float32):
 CASES = {"conv2d": conv2d_cases}
 
 
-def run(op, device="cpu", dtype=torch.float32, layers=None, min_time=2.0, progress=None):
-    """Races every catalog layer of `op` (or those named in `layers`); returns Results."""
+def run(op, device="cpu", dtype=torch.float32, layers=None, min_time=2.0, progress=None,
+        batch_scale=1):
+    """Races every catalog layer of `op` (or those named in `layers`), with the
+    catalog's batch sizes times batch_scale; returns Results."""
     if device == "cuda":
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
@@ -178,6 +180,7 @@ def run(op, device="cpu", dtype=torch.float32, layers=None, min_time=2.0, progre
     for layer in CATALOGS[op]:
         if layers and layer.name not in layers:
             continue
+        layer = dataclasses.replace(layer, batch=layer.batch * batch_scale)
         for mode, native, ours, flops in CASES[op](layer, device, dtype):
             native_s, ours_s = race(native, ours, min_time=min_time)
             result = Result(op, layer.name, layer.shape(), mode, native_s * 1e3, ours_s * 1e3,
