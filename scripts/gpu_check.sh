@@ -63,7 +63,7 @@ grep -h "geometric mean" "$out/bench.log" >>"$out/summary.txt"
 
 # A few shapes through every kernel (direct and GEMM; FMA and tensor cores),
 # checking only pyconvext's kernels.
-subset="test_gemm_shapes_float32 and (tiles_and_tails or stride3_dilated or long_reduction or one_input_channel) or test_reduced_precision and bfloat16 and (narrow_rows or depthwise_large or stride2_5x5)"
+subset="test_gemm_shapes_float32 and (tiles_and_tails or stride3_dilated or long_reduction or one_input_channel or stride4_11x11) or test_reduced_precision and bfloat16 and (narrow_rows or depthwise_large or stride2_5x5)"
 filter=()
 if compute-sanitizer --help 2>&1 | grep -q -- "--kernel-name"; then filter=(--kernel-name kns=pyconvext); fi
 for tool in memcheck racecheck; do

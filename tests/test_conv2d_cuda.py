@@ -23,8 +23,9 @@ from test_conv2d import CASES, CASE_IDS, GRADCHECK_CASES, leaves, randn, run
 pytestmark = pytest.mark.cuda
 
 # Shapes that fill GEMM tiles: several tiles along every GEMM dimension, partial
-# last tiles, stride phases without taps, split reductions, and both tile
-# widths (<= 32 rows and more).
+# last tiles, stride phases without taps, split reductions, every tile width;
+# and the input gradient of few input channels (direct, or columns and col2im,
+# in chunks of images when the columns would be large).
 GEMM_CASES = [
     ("tiles_and_tails", (3, 40, 17, 19), (70, 40, 3, 3), {"padding": 1}),
     ("narrow_rows", (2, 20, 21, 18), (24, 20, 3, 3), {"padding": 1}),
@@ -39,6 +40,9 @@ GEMM_CASES = [
     ("long_reduction_split", (16, 33, 30, 30), (40, 33, 3, 3), {"padding": 1}),
     ("depthwise_large", (4, 32, 40, 40), (32, 1, 3, 3), {"groups": 32, "padding": 1}),
     ("one_input_channel", (8, 1, 28, 28), (10, 1, 5, 5), {}),
+    ("few_input_channels_grouped", (2, 6, 15, 14), (32, 3, 3, 3), {"groups": 2, "stride": 2, "padding": 1}),
+    ("few_input_channels_dilated", (2, 2, 17, 16), (12, 2, 3, 3), {"dilation": 2, "padding": 2, "stride": (1, 2)}),
+    ("columns_in_chunks", (3, 3, 300, 300), (16, 3, 7, 7), {"padding": 3}),
 ]
 GEMM_IDS = [case[0] for case in GEMM_CASES]
 

@@ -540,6 +540,74 @@ struct GradInputProblem {
   }
 };
 
+// The input gradient of a convolution with few input channels per group and
+// many output channels, first pass: columns[g][(c, i, j)][(n, oh, ow)] = the
+// sum over the group's output channels k of weight[k, c, i, j] *
+// grad_output[n, k, oh, ow], a well-shaped GEMM (Cg * kH * kW rows) where the
+// phase GEMM would have only Cg rows. col2im_kernel then adds up each input
+// pixel's columns.
+template <typename T>
+struct ColumnsProblem {
+  using scalar_t = T;
+  using Acc = acc_t<T>;
+  static constexpr bool kBAlongK = false;
+  const T* grad_output;
+  const T* weight;
+  Acc* columns;  // [groups][in_per_group * kH * kW][batch * out_h * out_w]
+  ConvShape s;
+  FastDivmod plane;
+
+  explicit ColumnsProblem(const ConvShape& shape) : s(shape), plane(shape.out_h * shape.out_w) {}
+
+  struct Block {
+    int group, rows, cols, k_begin, k_end;
+    __device__ Block(const ColumnsProblem& p, int z)
+        : group(z),
+          rows(p.s.in_per_group * p.s.kernel_h * p.s.kernel_w),
+          cols(p.s.batch * p.s.out_h * p.s.out_w),
+          k_begin(0),
+          k_end(p.s.out_per_group) {}
+  };
+
+  template <class Cfg>
+  struct Thread {
+    const T* grad_column;  // this thread's column, first output channel of the group
+    int m_first;           // row of A element 0
+    bool column_valid;
+
+    __device__ Thread(const ColumnsProblem& p, const Block& b, int m0, int n0, int tid) {
+      m_first = m0 + Cfg::a_row(tid);
+      const int n = n0 + Cfg::b_col(tid);
+      column_valid = n < b.cols;
+      int pixel;
+      const int img = p.plane.divmod(column_valid ? n : 0, &pixel);
+      grad_column = p.grad_output + (static_cast<int64_t>(img) * p.s.out_channels +
+                                     b.group * p.s.out_per_group) * p.s.out_h * p.s.out_w + pixel;
+    }
+
+    __device__ void load(const ColumnsProblem& p, const Block& b, int k0, Acc (&a)[Cfg::EA],
+                         Acc (&bv)[Cfg::EB]) const {
+      const int ka = k0 + Cfg::a_k(threadIdx.x);
+      const T* w = p.weight + static_cast<int64_t>(b.group * p.s.out_per_group + ka) * b.rows;
+#pragma unroll
+      for (int q = 0; q < Cfg::EA; ++q) {
+        const int m = m_first + q * Cfg::kARowStep;
+        a[q] = ka < b.k_end && m < b.rows ? load_as_acc(w + m) : Acc(0);
+      }
+      const int plane_size = p.s.out_h * p.s.out_w;
+#pragma unroll
+      for (int q = 0; q < Cfg::EB; ++q) {
+        const int k = k0 + Cfg::b_k(threadIdx.x) + q * Cfg::kBKStep;
+        bv[q] = column_valid && k < b.k_end ? load_as_acc(grad_column + k * plane_size) : Acc(0);
+      }
+    }
+  };
+
+  __device__ void store(const Block& b, int m, int n, Acc value) const {
+    columns[(static_cast<int64_t>(b.group) * b.rows + m) * b.cols + n] = value;
+  }
+};
+
 template <typename T>
 struct GradWeightProblem {
   using scalar_t = T;
@@ -736,6 +804,50 @@ __global__ void grad_input_direct_kernel(const T* grad_output, const T* weight, 
   }
 }
 
+// Second pass of ColumnsProblem: one thread per input pixel of one stride
+// phase (blockIdx.y) of one group (blockIdx.z), all of the group's input
+// channels, adding the columns of the taps that reach the pixel.
+template <typename T>
+__global__ void col2im_kernel(const acc_t<T>* columns, T* grad_input, ConvShape s) {
+  using Acc = acc_t<T>;
+  const int group = blockIdx.z;
+  const Phase ph(blockIdx.y / s.stride_w, s.in_h, s.kernel_h, s.stride_h, s.pad_h, s.dil_h);
+  const Phase pw(blockIdx.y % s.stride_w, s.in_w, s.kernel_w, s.stride_w, s.pad_w, s.dil_w);
+  const int pixels = ph.count * pw.count;
+  const int n = blockIdx.x * kThreads + threadIdx.x;
+  if (n >= s.batch * pixels) return;
+  const int img = n / pixels, rest = n % pixels;
+  const int u = rest / pw.count, v = rest % pw.count;
+  const int taps = s.kernel_h * s.kernel_w;
+  const int64_t cols = static_cast<int64_t>(s.batch) * s.out_h * s.out_w;
+  const Acc* image_columns = columns + static_cast<int64_t>(group) * s.in_per_group * taps * cols +
+                             static_cast<int64_t>(img) * s.out_h * s.out_w;
+  Acc sum[kMaxDirectChannels] = {};
+  for (int ti = 0; ti < ph.taps; ++ti) {
+    const int oh = u + ph.out_base - ti * ph.out_step;
+    if (oh < 0 || oh >= s.out_h) continue;
+    const int i = ph.tap0 + ti * ph.tap_step;
+    for (int tj = 0; tj < pw.taps; ++tj) {
+      const int ow = v + pw.out_base - tj * pw.out_step;
+      if (ow < 0 || ow >= s.out_w) continue;
+      const int j = pw.tap0 + tj * pw.tap_step;
+      const Acc* column = image_columns + (i * s.kernel_w + j) * cols + oh * s.out_w + ow;
+#pragma unroll
+      for (int c = 0; c < kMaxDirectChannels; ++c) {
+        if (c < s.in_per_group) sum[c] += column[c * taps * cols];
+      }
+    }
+  }
+  const int ih = ph.first + u * s.stride_h, iw = pw.first + v * s.stride_w;
+#pragma unroll
+  for (int c = 0; c < kMaxDirectChannels; ++c) {
+    if (c < s.in_per_group) {
+      grad_input[((static_cast<int64_t>(img) * s.in_channels + group * s.in_per_group + c) * s.in_h + ih) *
+                     s.in_w + iw] = static_cast<T>(sum[c]);
+    }
+  }
+}
+
 // Sums over the output pixels (n, oh, ow) in split blockIdx.y of the reduction:
 // for the bias, of grad_output[n, e, oh, ow] for channel e = blockIdx.x; for
 // the weight, of grad_output * input under weight element e = blockIdx.x.
@@ -784,8 +896,15 @@ __global__ void pixel_sum_kernel(const T* grad_output, const T* input, acc_t<T>*
 // empty: the forward and the weight gradient take the direct kernels.
 bool use_direct(const ConvShape& s) { return s.in_per_group * s.out_per_group <= 16; }
 
-// The input gradient's GEMM has one row per input channel of a group.
-bool grad_input_direct(const ConvShape& s) { return s.in_per_group <= kMaxDirectChannels; }
+// The input gradient's phase GEMM has one row per input channel of a group:
+// with few of them, the direct kernel, or for many output channels the
+// columns GEMM (ColumnsProblem) and col2im.
+bool grad_input_direct(const ConvShape& s) {
+  return s.in_per_group <= kMaxDirectChannels && s.out_per_group < 8;
+}
+bool grad_input_columns(const ConvShape& s) {
+  return s.in_per_group <= kMaxDirectChannels && s.out_per_group >= 8;
+}
 
 ConvShape to_shape(const Conv2dGeometry& g, const char* op, std::initializer_list<const Tensor*> tensors) {
   constexpr int64_t kMax = std::numeric_limits<int>::max();
@@ -891,13 +1010,14 @@ Tensor conv2d_cuda(const Tensor& input, const Tensor& weight, const std::optiona
 }
 
 // Reduction splits for the weight gradient: enough blocks to fill the GPU
-// twice, each split at least 16 tiles deep.
+// twice, each split at least 4 tiles deep (a block's few stages are
+// latency-bound, so small problems gain from many short splits).
 std::pair<int, int> weight_grad_splits(const ConvShape& s, int bk, int bm, int bn) {
   const int64_t reduction = int64_t(s.batch) * s.out_h * s.out_w;
   const int64_t tiles = ceil_div(s.out_per_group, bm) *
                         ceil_div(int64_t(s.in_per_group) * s.kernel_h * s.kernel_w, bn) * s.groups;
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int64_t max_splits = std::max<int64_t>(1, reduction / (16 * bk));
+  const int64_t max_splits = std::max<int64_t>(1, reduction / (4 * bk));
   const int64_t wanted = std::clamp<int64_t>(ceil_div(2 * sms, tiles), 1, max_splits);
   const int64_t split_size = ceil_div(ceil_div(reduction, wanted), bk) * bk;
   const int64_t splits =
@@ -924,6 +1044,34 @@ void pixel_sum(const Tensor& go, const Tensor& x, const ConvShape& s, Tensor& re
   sum_splits_kernel<T><<<grid_for(numel), kThreads, 0, stream>>>(
       partial.const_data_ptr<Acc>(), splits, numel, numel, result.mutable_data_ptr<T>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The columns GEMM and col2im, a chunk of images at a time so that the
+// columns take at most 2^24 elements (or one image's worth).
+template <typename T>
+void grad_input_by_columns(const Tensor& go, const Tensor& w, const ConvShape& s, Tensor& grad_input) {
+  using Acc = acc_t<T>;
+  const int64_t rows = int64_t(s.in_per_group) * s.kernel_h * s.kernel_w;
+  const int64_t per_image = rows * s.groups * s.out_h * s.out_w;
+  const int chunk = static_cast<int>(std::clamp<int64_t>((int64_t(1) << 24) / per_image, 1, s.batch));
+  Tensor columns = at::empty({chunk * per_image}, go.options().dtype(c10::CppTypeToScalarType<Acc>::value));
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  for (int img0 = 0; img0 < s.batch; img0 += chunk) {
+    ConvShape part = s;
+    part.batch = std::min(chunk, s.batch - img0);
+    ColumnsProblem<T> problem(part);
+    problem.grad_output = go.const_data_ptr<T>() + int64_t(img0) * s.out_channels * s.out_h * s.out_w;
+    problem.weight = w.const_data_ptr<T>();
+    problem.columns = columns.mutable_data_ptr<Acc>();
+    with_tile<T>(rows, [&](auto tile) {
+      launch_gemm<decltype(tile)>(problem, rows, int64_t(part.batch) * s.out_h * s.out_w, s.groups);
+    });
+    const int64_t phase_pixels = int64_t(part.batch) * ceil_div(s.in_h, s.stride_h) * ceil_div(s.in_w, s.stride_w);
+    col2im_kernel<T><<<dim3(ceil_div(phase_pixels, kThreads), s.stride_h * s.stride_w, s.groups), kThreads, 0, stream>>>(
+        columns.const_data_ptr<Acc>(),
+        grad_input.mutable_data_ptr<T>() + int64_t(img0) * s.in_channels * s.in_h * s.in_w, part);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
 }
 
 template <typename T>
@@ -975,10 +1123,14 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_backward_cuda(
       if (grad_input.defined() && grad_input.numel() > 0) {
         // Columns: the pixels of the largest stride phase.
         const int64_t cols = int64_t(s.batch) * ceil_div(s.in_h, s.stride_h) * ceil_div(s.in_w, s.stride_w);
-        if (grad_input_direct(s)) {
+        if (grad_input_direct(s) || grad_input_columns(s)) {
           TORCH_CHECK(int64_t(s.stride_h) * s.stride_w <= 65535 && s.groups <= 65535, op,
                       ": the CUDA kernels support at most 65535 stride phases and groups, but got stride [",
                       s.stride_h, ", ", s.stride_w, "] and ", s.groups, " groups");
+        }
+        if (grad_input_columns(s)) {
+          grad_input_by_columns<scalar_t>(go, w, s, grad_input);
+        } else if (grad_input_direct(s)) {
           const dim3 grid(ceil_div(cols, kThreads), s.stride_h * s.stride_w, s.groups);
           grad_input_direct_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
               go.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
