@@ -21,7 +21,9 @@ import sys
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
+# Turing (T4, RTX 20), Ampere and Ada (8.x run 8.0 code), Hopper, and PTX for
+# newer GPUs. (float16 and bfloat16 need 8.0 or newer.)
+DEFAULT_CUDA_ARCHS = "7.5;8.0;9.0+PTX"
 
 
 def find_cuda_home(environ=os.environ, default="/usr/local/cuda"):

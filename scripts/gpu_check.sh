@@ -65,7 +65,8 @@ grep -h "geometric mean" "$out/bench.log" >>"$out/summary.txt"
 # checking only pyconvext's kernels.
 subset="test_gemm_shapes_float32 and (tiles_and_tails or stride3_dilated or long_reduction or one_input_channel or stride4_11x11) or test_reduced_precision and bfloat16 and (narrow_rows or depthwise_large or stride2_5x5)"
 filter=()
-if compute-sanitizer --help 2>&1 | grep -q -- "--kernel-name"; then filter=(--kernel-name kns=pyconvext); fi
+sanitizer_help=$(compute-sanitizer --help 2>&1)  # (grep -q in a pipe would fail it under pipefail)
+if [[ $sanitizer_help == *--kernel-name* ]]; then filter=(--kernel-name kns=pyconvext); fi
 for tool in memcheck racecheck; do
   step "sanitizer-$tool" "$out/sanitizer.log" timeout 150 compute-sanitizer --tool "$tool" "${filter[@]}" \
     --error-exitcode 1 $python -m pytest -q -p no:cacheprovider tests/test_conv2d_cuda.py -k "$subset"
