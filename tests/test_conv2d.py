@@ -219,9 +219,15 @@ def test_inputs_never_modified(gen, dtype, layout_):
     x, w, b = make_inputs(gen, (2, 4, 9, 9), (6, 2, 3, 3), dtype)
     x, w = x.contiguous(memory_format=fmt), w.contiguous(memory_format=fmt)
     grad_out = randn(gen, 2, 6, 9, 9, dtype=dtype)
+    assert_inputs_never_modified(x, w, b, grad_out, groups=2)
+
+
+def assert_inputs_never_modified(x, w, b, grad_out, groups):
+    """Both operators (padding 1) leave their inputs' values and strides alone,
+    and return fresh tensors."""
     saved = [(t.clone(), t.stride()) for t in (x, w, b, grad_out)]
-    out = torch.ops.pyconvext.conv2d(x, w, b, [1, 1], [1, 1], [1, 1], 2)
-    grads = torch.ops.pyconvext.conv2d_backward(grad_out, x, w, [1, 1], [1, 1], [1, 1], 2, [True, True, True])
+    out = torch.ops.pyconvext.conv2d(x, w, b, [1, 1], [1, 1], [1, 1], groups)
+    grads = torch.ops.pyconvext.conv2d_backward(grad_out, x, w, [1, 1], [1, 1], [1, 1], groups, [True, True, True])
     for t, (copy, stride) in zip((x, w, b, grad_out), saved):
         assert torch.equal(t, copy) and t.stride() == stride
     for result in (out, *grads):

@@ -18,7 +18,10 @@ from torch.testing import assert_close
 import pyconvext
 import pyconvext.functional as P
 from pyconvext.bench import CONV2D_CATALOG
-from test_conv2d import CASES, CASE_IDS, GRADCHECK_CASES, leaves, randn, run
+from test_conv2d import (
+    CASE_IDS, CASES, GRADCHECK_CASES, assert_inputs_never_modified, leaves, make_inputs, randn,
+    random_grad_out, run,
+)
 
 pytestmark = pytest.mark.cuda
 
@@ -52,15 +55,11 @@ def cuda(*tensors):
 
 
 def make(gen, input_shape, weight_shape, dtype, bias=True):
-    x = randn(gen, *input_shape, dtype=dtype)
-    w = randn(gen, *weight_shape, dtype=dtype)
-    b = randn(gen, weight_shape[0], dtype=dtype) if bias else None
-    return cuda(x, w, b)
+    return cuda(*make_inputs(gen, input_shape, weight_shape, dtype, bias))
 
 
 def grad_out_for(gen, x, w, b, kwargs, dtype):
-    shape = F.conv2d(x.float(), w.float(), None if b is None else b.float(), **kwargs).shape
-    return randn(gen, *shape, dtype=dtype).cuda()
+    return random_grad_out(gen, x, w, b, kwargs, dtype).cuda()
 
 
 def reference(x, w, b, grad_out, kwargs, dtype):
@@ -232,14 +231,7 @@ def test_inputs_never_modified(gen, dtype):
     x, w, b = make(gen, (2, 40, 9, 9), (48, 20, 3, 3), dtype)
     x = x.contiguous(memory_format=torch.channels_last)
     grad_out = randn(gen, 2, 48, 9, 9, dtype=dtype).cuda()
-    saved = [(t.clone(), t.stride()) for t in (x, w, b, grad_out)]
-    out = torch.ops.pyconvext.conv2d(x, w, b, [1, 1], [1, 1], [1, 1], 2)
-    grads = torch.ops.pyconvext.conv2d_backward(grad_out, x, w, [1, 1], [1, 1], [1, 1], 2, [True, True, True])
-    for t, (copy, stride) in zip((x, w, b, grad_out), saved):
-        assert torch.equal(t, copy) and t.stride() == stride
-    for result in (out, *grads):
-        for t in (x, w, b, grad_out):
-            assert result.untyped_storage().data_ptr() != t.untyped_storage().data_ptr()
+    assert_inputs_never_modified(x, w, b, grad_out, groups=2)
 
 
 def test_backward_output_mask(gen):
