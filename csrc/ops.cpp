@@ -1,7 +1,12 @@
 // Operator schemas of pyconvext. Kernels register per dispatch key in
 // cpu/<op>.cpp and cuda/<op>.cu; autograd and fake (meta) kernels are
-// registered from Python in pyconvext/_registrations.py.
+// registered from Python in pyconvext/_registrations.py, but for the autograd
+// kernel of max_pool2d_values (below).
 
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/grad_mode.h>
 #include <torch/library.h>
 
 #include "cpu/simd.h"
@@ -16,6 +21,49 @@ TORCH_LIBRARY(pyconvext, m) {
       "int[2] padding, int[2] dilation, int groups, bool[3] output_mask) "
       "-> (Tensor, Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
+  // Returns (output, indices): indices are flat positions in the input's H*W plane.
+  m.def(
+      "max_pool2d(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, "
+      "int[2] dilation, bool ceil_mode) -> (Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
+  // The output of max_pool2d without its indices, for inference.
+  m.def(
+      "max_pool2d_values(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, "
+      "int[2] dilation, bool ceil_mode) -> Tensor",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "max_pool2d_backward(Tensor grad_output, Tensor input, Tensor indices, "
+      "int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, bool ceil_mode) "
+      "-> Tensor",
+      {at::Tag::pt2_compliant_tag});
+}
+
+namespace {
+
+// max_pool2d_values has no gradient (its backward would need the indices it
+// does not compute). Its autograd kernel refuses an input that needs one and
+// otherwise goes straight on to the CPU or CUDA kernel; in C++ it costs a
+// fraction of what a Python autograd kernel adds to every call.
+at::Tensor max_pool2d_values_autograd(const at::Tensor& input, c10::IntArrayRef kernel_size,
+                                      c10::IntArrayRef stride, c10::IntArrayRef padding,
+                                      c10::IntArrayRef dilation, bool ceil_mode) {
+  TORCH_CHECK(!(input.requires_grad() && at::GradMode::is_enabled()),
+              "pyconvext.max_pool2d_values: the input requires grad, but this operator has no "
+              "gradient; use pyconvext::max_pool2d, which returns the indices its backward needs "
+              "(pyconvext.functional.max_pool2d chooses it by itself)");
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("pyconvext::max_pool2d_values", "")
+          .typed<at::Tensor(const at::Tensor&, c10::IntArrayRef, c10::IntArrayRef,
+                            c10::IntArrayRef, c10::IntArrayRef, bool)>();
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return op.call(input, kernel_size, stride, padding, dilation, ceil_mode);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyconvext, Autograd, m) {
+  m.impl("max_pool2d_values", &max_pool2d_values_autograd);
 }
 
 // Built as the Python extension pyconvext._C: importing it loads this library,

@@ -3,14 +3,15 @@
 The compiled library defines the operators and their CPU / CUDA kernels; this
 module teaches the rest of PyTorch about them: register_fake gives the output
 metadata for torch.compile, torch.export and fake tensors; register_autograd
-wires each operator to its backward operator.
+wires each operator to its backward operator. (max_pool2d_values has no
+gradient: its autograd kernel, in csrc/ops.cpp, refuses inputs that need one.)
 """
 
 import torch
 
 from . import _BUILD_INFO
 
-OPS = ("conv2d", "conv2d_backward")
+OPS = ("conv2d", "conv2d_backward", "max_pool2d", "max_pool2d_values", "max_pool2d_backward")
 
 # Dispatch keys with a compiled kernel, per operator (read before any Python
 # kernel below is registered).
@@ -129,6 +130,91 @@ torch.library.register_autograd(
     "pyconvext::conv2d_backward",
     _conv2d_double_backward,
     setup_context=_conv2d_backward_setup_context,
+)
+
+
+# --- max_pool2d ----------------------------------------------------------------
+
+def _pool_output_size(size, kernel, stride, padding, dilation, ceil_mode):
+    """Native's rule; with ceil_mode the last window must start inside the
+    input or its left padding."""
+    span = size + 2 * padding - dilation * (kernel - 1) - 1 + (stride - 1 if ceil_mode else 0)
+    out = span // stride + 1
+    if ceil_mode and (out - 1) * stride >= size + padding:
+        out -= 1
+    return out
+
+
+def _pool_output_fake(input, kernel_size, stride, padding, dilation, ceil_mode, dtype=None):
+    batched = input.dim() == 4
+    x = input if batched else input.unsqueeze(0)
+    out_h, out_w = (
+        _pool_output_size(x.shape[2 + d], kernel_size[d], stride[d], padding[d], dilation[d], ceil_mode)
+        for d in range(2)
+    )
+    memory_format = torch._prims_common.suggest_memory_format(x) if batched else torch.contiguous_format
+    out = torch.empty((x.shape[0], x.shape[1], out_h, out_w), dtype=dtype or x.dtype,
+                      device=x.device, memory_format=memory_format)
+    return out if batched else out.squeeze(0)
+
+
+@torch.library.register_fake("pyconvext::max_pool2d")
+def _max_pool2d_fake(input, kernel_size, stride, padding, dilation, ceil_mode):
+    params = (kernel_size, stride, padding, dilation, ceil_mode)
+    return _pool_output_fake(input, *params), _pool_output_fake(input, *params, dtype=torch.int64)
+
+
+@torch.library.register_fake("pyconvext::max_pool2d_values")
+def _max_pool2d_values_fake(input, kernel_size, stride, padding, dilation, ceil_mode):
+    return _pool_output_fake(input, kernel_size, stride, padding, dilation, ceil_mode)
+
+
+@torch.library.register_fake("pyconvext::max_pool2d_backward")
+def _max_pool2d_backward_fake(grad_output, input, indices, kernel_size, stride, padding, dilation,
+                              ceil_mode):
+    if input.dim() == 4:
+        return torch.empty_like(
+            input, memory_format=torch._prims_common.suggest_memory_format(input)
+        )
+    return torch.empty_like(input, memory_format=torch.contiguous_format)
+
+
+def _max_pool2d_setup_context(ctx, inputs, output):
+    input, *params = inputs
+    ctx.save_for_backward(input, output[1])
+    ctx.params = params
+
+
+def _max_pool2d_grad(ctx, grad_output, grad_indices):
+    input, indices = ctx.saved_tensors
+    return (torch.ops.pyconvext.max_pool2d_backward(grad_output, input, indices, *ctx.params),
+            None, None, None, None, None)
+
+
+torch.library.register_autograd(
+    "pyconvext::max_pool2d", _max_pool2d_grad, setup_context=_max_pool2d_setup_context
+)
+
+
+def _max_pool2d_backward_setup_context(ctx, inputs, output):
+    grad_output, input, indices, *params = inputs
+    ctx.save_for_backward(indices)
+    ctx.shape = grad_output.shape
+
+
+def _max_pool2d_double_backward(ctx, grad_grad_input):
+    """max_pool2d_backward is linear in grad_output: it scatters each element
+    to its index, so its derivative gathers from the same indices."""
+    (indices,) = ctx.saved_tensors
+    g_grad_output = torch.gather(
+        grad_grad_input.flatten(-2), -1, indices.flatten(-2)
+    ).view(ctx.shape)
+    return g_grad_output, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd(
+    "pyconvext::max_pool2d_backward", _max_pool2d_double_backward,
+    setup_context=_max_pool2d_backward_setup_context,
 )
 
 

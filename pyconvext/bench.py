@@ -77,7 +77,49 @@ CONV2D_CATALOG = (
     ConvLayer("depthwise", 8, 32, 112, 112, 32, 3, padding=1, groups=32),
 )
 
-CATALOGS = {"conv2d": CONV2D_CATALOG}
+
+@dataclasses.dataclass(frozen=True)
+class PoolLayer:
+    """One max_pool2d layer: input (batch, channels, height, width), square
+    windows of side `kernel`."""
+
+    name: str
+    batch: int
+    channels: int
+    height: int
+    width: int
+    kernel: int
+    stride: int
+    padding: int = 0
+    ceil_mode: bool = False
+
+    def output_size(self):
+        def size(n):
+            span = n + 2 * self.padding - self.kernel + (self.stride - 1 if self.ceil_mode else 0)
+            out = span // self.stride + 1
+            # ceil_mode: the last window must start inside the input or its left padding.
+            return out - 1 if self.ceil_mode and (out - 1) * self.stride >= n + self.padding else out
+
+        return size(self.height), size(self.width)
+
+    def shape(self):
+        text = f"{self.batch}x{self.channels}x{self.height}x{self.width} k{self.kernel} s{self.stride}"
+        text += f" p{self.padding}" if self.padding else ""
+        text += " ceil" if self.ceil_mode else ""
+        return text
+
+
+# The max-pooling layers of the seed architectures.
+MAX_POOL2D_CATALOG = (
+    PoolLayer("mnist.pool1", 64, 10, 24, 24, 2, 2),
+    PoolLayer("mnist.pool2", 64, 20, 8, 8, 2, 2),
+    PoolLayer("alexnet.pool", 8, 64, 55, 55, 3, 2),
+    PoolLayer("vgg.pool", 8, 64, 224, 224, 2, 2),
+    PoolLayer("googlenet.pool", 8, 192, 56, 56, 3, 2, ceil_mode=True),
+    PoolLayer("resnet.pool", 8, 64, 112, 112, 3, 2, padding=1),
+)
+
+CATALOGS = {"conv2d": CONV2D_CATALOG, "max_pool2d": MAX_POOL2D_CATALOG}
 
 
 @dataclasses.dataclass
@@ -88,7 +130,8 @@ class Result:
     mode: str  # "forward" or "forward+backward"
     native_ms: float
     ours_ms: float
-    gflops: float  # ours
+    rate: float  # ours, in UNITS[op]: work (flops or bytes moved) per second
+    floor_ms: float | None = None  # bytes moved at the copy bandwidth of this run (max_pool2d)
 
     @property
     def speedup(self):
@@ -165,7 +208,59 @@ def conv2d_cases(layer, device="cpu", dtype=torch.float32):
     ]
 
 
-CASES = {"conv2d": conv2d_cases}
+def max_pool2d_cases(layer, device="cpu", dtype=torch.float32):
+    """(mode, native fn, ours fn, bytes moved) for one catalog layer, in NCHW
+    and channels_last. forward: no gradients, so ours writes no indices;
+    forward+indices: return_indices=True."""
+    gen = torch.Generator().manual_seed(0)
+    args = (layer.kernel, layer.stride, layer.padding, 1, layer.ceil_mode)
+    out_h, out_w = layer.output_size()
+    item = torch.empty((), dtype=dtype).element_size()
+    in_bytes = layer.batch * layer.channels * layer.height * layer.width * item
+    out_bytes = layer.batch * layer.channels * out_h * out_w * item
+    index_bytes = out_bytes // item * 8
+    fwd_bytes = in_bytes + out_bytes
+
+    def layout_cases(layout, suffix):
+        x = torch.randn(layer.batch, layer.channels, layer.height, layer.width, generator=gen)
+        x = x.to(device, dtype).contiguous(memory_format=layout)
+        leaf = x.clone().requires_grad_()
+        grad_out = torch.randn(layer.batch, layer.channels, out_h, out_w, generator=gen)
+        grad_out = grad_out.to(device, dtype).contiguous(memory_format=layout)
+
+        def forward(pool, **kwargs):
+            def run():
+                with torch.no_grad():
+                    return pool(x, *args, **kwargs)
+            return run
+
+        def forward_backward(pool):
+            return lambda: torch.autograd.grad(pool(leaf, *args), leaf, grad_out)
+
+        return [
+            ("forward" + suffix, forward(F.max_pool2d), forward(functional.max_pool2d), fwd_bytes),
+            ("forward+indices" + suffix, forward(F.max_pool2d, return_indices=True),
+             forward(functional.max_pool2d, return_indices=True), fwd_bytes + index_bytes),
+            # The backward reads grad_output and the indices, and writes grad_input.
+            ("forward+backward" + suffix, forward_backward(F.max_pool2d),
+             forward_backward(functional.max_pool2d), 2 * (fwd_bytes + index_bytes)),
+        ]
+
+    return layout_cases(torch.contiguous_format, "") + layout_cases(torch.channels_last,
+                                                                    " channels_last")
+
+
+CASES = {"conv2d": conv2d_cases, "max_pool2d": max_pool2d_cases}
+UNITS = {"conv2d": "GFLOP/s", "max_pool2d": "GB/s"}
+
+
+def copy_bandwidth(device="cpu", megabytes=128):
+    """Bytes read + written per second by a large tensor copy on `device`."""
+    src = torch.ones(megabytes << 18, device=device)
+    dst = torch.empty_like(src)
+    seconds = _timer(lambda: dst.copy_(src), torch.get_num_threads()).blocked_autorange(
+        min_run_time=0.5).median
+    return 2 * src.nbytes / seconds
 
 
 def run(op, device="cpu", dtype=torch.float32, layers=None, min_time=2.0, progress=None,
@@ -176,15 +271,17 @@ def run(op, device="cpu", dtype=torch.float32, layers=None, min_time=2.0, progre
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
     keep_freed_memory()
+    bandwidth = copy_bandwidth(device) if UNITS[op] == "GB/s" else None
     results = []
     for layer in CATALOGS[op]:
         if layers and layer.name not in layers:
             continue
         layer = dataclasses.replace(layer, batch=layer.batch * batch_scale)
-        for mode, native, ours, flops in CASES[op](layer, device, dtype):
+        for mode, native, ours, work in CASES[op](layer, device, dtype):
             native_s, ours_s = race(native, ours, min_time=min_time)
+            floor_ms = work / bandwidth * 1e3 if bandwidth else None
             result = Result(op, layer.name, layer.shape(), mode, native_s * 1e3, ours_s * 1e3,
-                            flops / ours_s / 1e9)
+                            work / ours_s / 1e9, floor_ms)
             results.append(result)
             if progress:
                 progress(result)
@@ -212,13 +309,17 @@ def _cpu_model():
     return platform.processor() or "unknown CPU"
 
 
-HEADER = ("layer", "shape", "mode", "native ms", "ours ms", "speedup", "GFLOP/s")
-WIDTHS = (14, 30, 16, 10, 10, 8, 8)  # of the columns of the console table
+HEADER = ("layer", "shape", "mode", "native ms", "ours ms", "speedup", "ours rate", "vs floor")
+WIDTHS = (14, 30, 30, 10, 10, 8, 14, 8)  # of the columns of the console table
 
 
 def row(result):
+    """The table cells; vs floor: our time over the time the bytes moved take
+    at the copy bandwidth of this run (1.00x is as fast as a copy)."""
+    floor = f"{result.ours_ms / result.floor_ms:.2f}x" if result.floor_ms else ""
     return (result.layer, result.shape, result.mode, f"{result.native_ms:.3f}",
-            f"{result.ours_ms:.3f}", f"{result.speedup:.2f}x", f"{result.gflops:.1f}")
+            f"{result.ours_ms:.3f}", f"{result.speedup:.2f}x",
+            f"{result.rate:.1f} {UNITS[result.op]}", floor)
 
 
 def geomean(values):
@@ -247,10 +348,11 @@ def write_csv(results, path):
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["op", "layer", "shape", "mode", "native_ms", "ours_ms", "speedup",
-                         "gflops"])
+                         "rate", "unit", "floor_ms"])
         for r in results:
             writer.writerow([r.op, r.layer, r.shape, r.mode, f"{r.native_ms:.4f}",
-                             f"{r.ours_ms:.4f}", f"{r.speedup:.4f}", f"{r.gflops:.2f}"])
+                             f"{r.ours_ms:.4f}", f"{r.speedup:.4f}", f"{r.rate:.2f}",
+                             UNITS[r.op], f"{r.floor_ms:.4f}" if r.floor_ms else ""])
 
 
 def print_line(cells, file=sys.stdout):

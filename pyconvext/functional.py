@@ -3,7 +3,7 @@
 import torch
 from torch.nn.modules.utils import _pair
 
-__all__ = ["conv2d"]
+__all__ = ["conv2d", "max_pool2d"]
 
 
 def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
@@ -34,3 +34,33 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     else:
         padding = _pair(padding)
     return torch.ops.pyconvext.conv2d(input, weight, bias, stride, padding, dilation, groups)
+
+
+def _pool_pair(value):
+    """An int or a sequence of 1 or 2 ints, as native's max_pool2d takes them;
+    other lengths go on to the operator, which names the problem."""
+    if isinstance(value, int):
+        return (value, value)
+    value = tuple(value)
+    return value * 2 if len(value) == 1 else value
+
+
+def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
+               return_indices=False):
+    """torch.nn.functional.max_pool2d on pyconvext's kernels.
+
+    input (N, C, H, W) or (C, H, W). kernel_size, stride (default: kernel_size), padding (at
+    most half the kernel), dilation: int or pair. Returns the output, and with
+    return_indices=True also int64 indices: flat positions of the maxima in each H*W plane.
+    Without indices and gradients, runs the values-only forward, which writes no indices.
+    """
+    kernel_size = _pool_pair(kernel_size)
+    stride = kernel_size if stride is None or stride == [] or stride == () else _pool_pair(stride)
+    params = (kernel_size, stride, _pool_pair(padding), _pool_pair(dilation),
+              ceil_mode)
+    ops = torch.ops.pyconvext
+    if return_indices:
+        return ops.max_pool2d(input, *params)
+    if torch.is_grad_enabled() and input.requires_grad:
+        return ops.max_pool2d(input, *params)[0]
+    return ops.max_pool2d_values(input, *params)

@@ -9,7 +9,7 @@ from torch.nn.modules.utils import _pair
 
 from . import functional
 
-__all__ = ["Conv2d"]
+__all__ = ["Conv2d", "MaxPool2d"]
 
 
 class Conv2d(torch.nn.Conv2d):
@@ -25,3 +25,12 @@ class Conv2d(torch.nn.Conv2d):
         return functional.conv2d(
             input, weight, bias, self.stride, self.padding, self.dilation, self.groups
         )
+
+
+class MaxPool2d(torch.nn.MaxPool2d):
+    """torch.nn.MaxPool2d on pyconvext.functional.max_pool2d."""
+
+    def forward(self, input):
+        return functional.max_pool2d(input, self.kernel_size, self.stride, self.padding,
+                                     self.dilation, ceil_mode=self.ceil_mode,
+                                     return_indices=self.return_indices)

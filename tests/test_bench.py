@@ -4,7 +4,9 @@ import csv
 import subprocess
 import sys
 
-from pyconvext.bench import CONV2D_CATALOG, geomean
+import torch
+
+from pyconvext.bench import CONV2D_CATALOG, MAX_POOL2D_CATALOG, PoolLayer, geomean
 from test_build import ROOT
 
 # (name, N, C, H, W, K, kernel, stride, padding, groups) as the foundation issue lists them.
@@ -31,6 +33,31 @@ def test_catalog_has_the_required_layers():
     }
     for required in REQUIRED:
         assert catalog.get(required[0]) == required
+
+
+# (name, N, C, H, W, kernel, stride, padding, ceil_mode) as the max_pool2d issue lists them.
+REQUIRED_POOLS = [
+    ("mnist.pool1", 64, 10, 24, 24, 2, 2, 0, False),
+    ("mnist.pool2", 64, 20, 8, 8, 2, 2, 0, False),
+    ("alexnet.pool", 8, 64, 55, 55, 3, 2, 0, False),
+    ("vgg.pool", 8, 64, 224, 224, 2, 2, 0, False),
+    ("googlenet.pool", 8, 192, 56, 56, 3, 2, 0, True),
+    ("resnet.pool", 8, 64, 112, 112, 3, 2, 1, False),
+]
+
+
+def test_pool_catalog_has_the_required_layers():
+    catalog = {layer.name: layer for layer in MAX_POOL2D_CATALOG}
+    for name, *sizes in REQUIRED_POOLS:
+        assert catalog[name] == PoolLayer(name, *sizes)
+
+
+def test_pool_output_sizes_follow_native():
+    for layer in MAX_POOL2D_CATALOG:
+        x = torch.empty(1, 1, layer.height, layer.width)
+        out = torch.nn.functional.max_pool2d(x, layer.kernel, layer.stride, layer.padding,
+                                             ceil_mode=layer.ceil_mode)
+        assert out.shape[2:] == layer.output_size()
 
 
 def test_geomean():
@@ -66,3 +93,27 @@ def test_bench_refuses_unknown_layer():
     )
     assert result.returncode != 0
     assert "no layer matched" in result.stderr
+
+
+def test_pool_bench_command(tmp_path):
+    """Both layouts and all three modes, with the bandwidth floor from a copy
+    measured in the same run."""
+    out_csv = tmp_path / "pool.csv"
+    result = subprocess.run(
+        [sys.executable, "-m", "pyconvext", "bench", "--op", "max_pool2d", "--layers", "mnist.pool2",
+         "--min-time", "0.05", "--csv", str(out_csv)],
+        capture_output=True, text=True, cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    rows = list(csv.DictReader(out_csv.open()))
+    modes = ["forward", "forward+indices", "forward+backward"]
+    assert [r["mode"] for r in rows] == modes + [m + " channels_last" for m in modes]
+    for r in rows:
+        assert r["unit"] == "GB/s"
+        ours_s, floor_s = float(r["ours_ms"]) / 1e3, float(r["floor_ms"]) / 1e3
+        assert ours_s > 0 and floor_s > 0
+        moved = float(r["rate"]) * 1e9 * ours_s
+        # forward moves the input and the output once: 64 * 20 * (64 + 16) floats.
+        if r["mode"] == "forward":
+            assert abs(moved - 64 * 20 * 80 * 4) < 0.01 * moved
+    assert "forward channels_last: geometric mean speedup" in result.stdout

@@ -2,6 +2,8 @@
 
 #include <c10/util/Exception.h>
 
+#include "common/checks.h"
+
 namespace pyconvext {
 namespace {
 
@@ -11,11 +13,6 @@ void check_dtype(const char* op, const char* name, const at::Tensor& t) {
       dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
       op, ": ", name, " has dtype ", dtype,
       ", but only float32, float64, float16 and bfloat16 are supported");
-}
-
-void check_pair(const char* op, const char* name, c10::IntArrayRef values) {
-  TORCH_CHECK(values.size() == 2, op, ": expected ", name,
-              " to be a single integer or a list of 2 integers, but got ", name, "=", values);
 }
 
 Conv2dGeometry check(
