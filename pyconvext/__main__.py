@@ -21,14 +21,18 @@ def run_bench(args):
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("pyconvext bench: --device cuda, but no CUDA GPU is visible")
     ops = list(bench.CATALOGS) if args.op == "all" else [args.op]
-    setting = f"{args.dtype}, batch x{args.batch_scale}" if args.batch_scale != 1 else args.dtype
+    setting = args.dtype
+    if args.batch:
+        setting += f", batch {args.batch}"
+    elif args.batch_scale != 1:
+        setting += f", batch x{args.batch_scale}"
     print(f"# {bench.machine(args.device)}; {setting}", flush=True)
     bench.print_line(bench.HEADER)
     results = []
     for op in ops:
         results += bench.run(op, args.device, DTYPES[args.dtype], layers=args.layers,
                              min_time=args.min_time, progress=bench.print_row,
-                             batch_scale=args.batch_scale)
+                             batch_scale=args.batch_scale, batch=args.batch)
     if not results:
         sys.exit(f"pyconvext bench: no layer matched {args.layers}")
     for line in bench.summary(results):
@@ -58,6 +62,7 @@ def main(argv=None):
                    help="seconds of measurement per layer and mode (default 2)")
     p.add_argument("--batch-scale", type=int, default=1, metavar="K",
                    help="multiply the catalog's batch sizes by K (e.g. 8 to fill a GPU)")
+    p.add_argument("--batch", type=int, metavar="N", help="run every layer at batch N instead")
     p.add_argument("--csv", metavar="FILE", help="also write the results as CSV")
     p.add_argument("--markdown", metavar="FILE", help="also write a Markdown table")
     p.set_defaults(run=run_bench)

@@ -264,9 +264,9 @@ def copy_bandwidth(device="cpu", megabytes=128):
 
 
 def run(op, device="cpu", dtype=torch.float32, layers=None, min_time=2.0, progress=None,
-        batch_scale=1):
+        batch_scale=1, batch=None):
     """Races every catalog layer of `op` (or those named in `layers`), with the
-    catalog's batch sizes times batch_scale; returns Results."""
+    catalog's batch sizes times batch_scale (or all at `batch`); returns Results."""
     if device == "cuda":
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
@@ -276,7 +276,7 @@ def run(op, device="cpu", dtype=torch.float32, layers=None, min_time=2.0, progre
     for layer in CATALOGS[op]:
         if layers and layer.name not in layers:
             continue
-        layer = dataclasses.replace(layer, batch=layer.batch * batch_scale)
+        layer = dataclasses.replace(layer, batch=batch or layer.batch * batch_scale)
         for mode, native, ours, work in CASES[op](layer, device, dtype):
             native_s, ours_s = race(native, ours, min_time=min_time)
             floor_ms = work / bandwidth * 1e3 if bandwidth else None

@@ -6,9 +6,10 @@
 #
 # Builds pyconvext in place for the visible GPU, runs the CUDA tests, runs
 # compute-sanitizer (memcheck and racecheck) over a small subset, and races the
-# CUDA kernels against native PyTorch. Writes into OUT_DIR: build.log,
-# tests.log, sanitizer.log, bench.log, bench.md (the result tables) and
-# summary.txt. Exits non-zero when any step failed.
+# CUDA kernels against native PyTorch (the operators in $BENCH_OPS, default
+# "conv2d max_pool2d"). Writes into OUT_DIR: build.log, tests.log,
+# sanitizer.log, bench.log, bench.md (the result tables) and summary.txt.
+# Exits non-zero when any step failed.
 set -uo pipefail
 out=${1:?usage: scripts/gpu_check.sh OUT_DIR}
 mkdir -p "$out"
@@ -51,12 +52,22 @@ if $python -c "import xdist" 2>/dev/null; then parallel=(-n 4); fi
 step tests "$out/tests.log" $python -m pytest -m cuda tests "${parallel[@]}" -q -rfEs
 
 : >"$out/bench.md"
-for dtype in float32 bfloat16; do
-  for scale in 1 8; do
-    step "bench-$dtype-x$scale" "$out/bench.log" $python -m pyconvext bench --op conv2d --device cuda \
-      --dtype "$dtype" --batch-scale $scale --min-time 0.3 --markdown "$out/bench-part.md" &&
-      { cat "$out/bench-part.md"; echo; } >>"$out/bench.md"
-  done
+bench() {  # bench NAME ARGS...: one table into bench.md
+  local name=$1
+  shift
+  step "bench-$name" "$out/bench.log" $python -m pyconvext bench --device cuda --min-time 0.3 \
+    --markdown "$out/bench-part.md" "$@" && { cat "$out/bench-part.md"; echo; } >>"$out/bench.md"
+}
+for op in ${BENCH_OPS:-conv2d max_pool2d}; do
+  case $op in
+    conv2d)
+      for dtype in float32 bfloat16; do
+        for scale in 1 8; do bench "conv2d-$dtype-x$scale" --op conv2d --dtype "$dtype" --batch-scale $scale; done
+      done ;;
+    max_pool2d)
+      for batch in 8 64; do bench "max_pool2d-float32-n$batch" --op max_pool2d --batch $batch; done
+      bench max_pool2d-bfloat16-n64 --op max_pool2d --dtype bfloat16 --batch 64 ;;
+  esac
 done
 rm -f "$out/bench-part.md"
 grep -h "geometric mean" "$out/bench.log" >>"$out/summary.txt"
@@ -67,9 +78,13 @@ subset="test_gemm_shapes_float32 and (tiles_and_tails or stride3_dilated or long
 filter=()
 sanitizer_help=$(compute-sanitizer --help 2>&1)  # (grep -q in a pipe would fail it under pipefail)
 if [[ $sanitizer_help == *--kernel-name* ]]; then filter=(--kernel-name kns=pyconvext); fi
+pool_subset="test_gradients_match_the_cpu or test_dtypes_and_layouts and (float32 or bfloat16) and (channels_last or batchless) or test_out_of_range"
 for tool in memcheck racecheck; do
   step "sanitizer-$tool" "$out/sanitizer.log" timeout 150 compute-sanitizer --tool "$tool" "${filter[@]}" \
     --error-exitcode 1 $python -m pytest -q -p no:cacheprovider tests/test_conv2d_cuda.py -k "$subset"
+  step "sanitizer-$tool-max_pool2d" "$out/sanitizer.log" timeout 150 compute-sanitizer --tool "$tool" \
+    "${filter[@]}" --error-exitcode 1 $python -m pytest -q -p no:cacheprovider tests/test_max_pool2d_cuda.py \
+    -k "$pool_subset"
 done
 
 

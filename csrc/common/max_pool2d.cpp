@@ -68,11 +68,13 @@ Pool2dGeometry check(const char* op, const at::Tensor& input, c10::IntArrayRef k
   TORCH_CHECK(g.out_h > 0 && g.out_w > 0, op, ": input of size ", input.sizes(),
               " is too small for kernel_size=", kernel_size, ", padding=", padding,
               " and dilation=", dilation, ": the output would be ", g.out_h, "x", g.out_w);
-  // The kernels number the elements of a (padded) plane with 32-bit integers.
+  // The kernels number the elements of a (padded) plane, and the channels,
+  // with 32-bit integers.
   TORCH_CHECK((g.in_h + 2 * g.pad_h + g.stride_h) * (g.in_w + 2 * g.pad_w + g.stride_w) <
-                  std::numeric_limits<int32_t>::max(),
-              op, ": planes of 2^31 or more elements are not supported, but got input of size ",
-              input.sizes());
+                      std::numeric_limits<int32_t>::max() &&
+                  g.channels < std::numeric_limits<int32_t>::max(),
+              op, ": planes or channels of 2^31 or more elements are not supported, but got "
+              "input of size ", input.sizes());
 
   g.memory_format = g.batched ? input.suggest_memory_format() : at::MemoryFormat::Contiguous;
   return g;
