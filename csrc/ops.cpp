@@ -36,6 +36,19 @@ TORCH_LIBRARY(pyconvext, m) {
       "int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, bool ceil_mode) "
       "-> Tensor",
       {at::Tag::pt2_compliant_tag});
+  // One LSTM step (gates i, f, g, o): returns (hy, cy, workspace), the
+  // workspace holding the activations the backward needs.
+  m.def(
+      "lstm_cell(Tensor input, Tensor hx, Tensor cx, Tensor w_ih, Tensor w_hh, Tensor? b_ih, "
+      "Tensor? b_hh) -> (Tensor, Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
+  // Gradients of (input, hx, cx, w_ih, w_hh, bias): the bias gradient (of
+  // b_ih and of b_hh alike) is undefined without has_bias.
+  m.def(
+      "lstm_cell_backward(Tensor grad_hy, Tensor grad_cy, Tensor input, Tensor hx, Tensor cx, "
+      "Tensor w_ih, Tensor w_hh, Tensor workspace, bool has_bias) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
 }
 
 namespace {

@@ -11,7 +11,8 @@ import torch
 
 from . import _BUILD_INFO
 
-OPS = ("conv2d", "conv2d_backward", "max_pool2d", "max_pool2d_values", "max_pool2d_backward")
+OPS = ("conv2d", "conv2d_backward", "max_pool2d", "max_pool2d_values", "max_pool2d_backward",
+       "lstm_cell", "lstm_cell_backward")
 
 # Dispatch keys with a compiled kernel, per operator (read before any Python
 # kernel below is registered).
@@ -215,6 +216,43 @@ def _max_pool2d_double_backward(ctx, grad_grad_input):
 torch.library.register_autograd(
     "pyconvext::max_pool2d_backward", _max_pool2d_double_backward,
     setup_context=_max_pool2d_backward_setup_context,
+)
+
+
+# --- lstm_cell ----------------------------------------------------------------------
+
+@torch.library.register_fake("pyconvext::lstm_cell")
+def _lstm_cell_fake(input, hx, cx, w_ih, w_hh, b_ih, b_hh):
+    batch, hidden = hx.shape
+    return hx.new_empty((batch, hidden)), hx.new_empty((batch, hidden)), hx.new_empty((batch, 5 * hidden))
+
+
+@torch.library.register_fake("pyconvext::lstm_cell_backward")
+def _lstm_cell_backward_fake(grad_hy, grad_cy, input, hx, cx, w_ih, w_hh, workspace, has_bias):
+    grad_bias = w_ih.new_empty((w_ih.shape[0],)) if has_bias else None
+    return (torch.empty_like(input), torch.empty_like(hx), torch.empty_like(cx), torch.empty_like(w_ih),
+            torch.empty_like(w_hh), grad_bias)
+
+
+def _lstm_cell_setup_context(ctx, inputs, output):
+    input, hx, cx, w_ih, w_hh, b_ih, b_hh = inputs
+    ctx.save_for_backward(input, hx, cx, w_ih, w_hh, output[2])
+    ctx.biases = (b_ih is not None, b_hh is not None)
+    ctx.mark_non_differentiable(output[2])
+
+
+def _lstm_cell_grad(ctx, grad_hy, grad_cy, grad_workspace):
+    input, hx, cx, w_ih, w_hh, workspace = ctx.saved_tensors
+    grads = torch.ops.pyconvext.lstm_cell_backward(
+        grad_hy, grad_cy, input, hx, cx, w_ih, w_hh, workspace, any(ctx.biases)
+    )
+    # Both biases add to the same gate pre-activations: one gradient for both.
+    grad_b_ih, grad_b_hh = (grads[5] if given else None for given in ctx.biases)
+    return (*grads[:5], grad_b_ih, grad_b_hh)
+
+
+torch.library.register_autograd(
+    "pyconvext::lstm_cell", _lstm_cell_grad, setup_context=_lstm_cell_setup_context
 )
 
 

@@ -119,7 +119,32 @@ MAX_POOL2D_CATALOG = (
     PoolLayer("resnet.pool", 8, 64, 112, 112, 3, 2, padding=1),
 )
 
-CATALOGS = {"conv2d": CONV2D_CATALOG, "max_pool2d": MAX_POOL2D_CATALOG}
+
+@dataclasses.dataclass(frozen=True)
+class LstmCellLayer:
+    """One LSTM step of a batch of `batch` inputs of input_size features."""
+
+    name: str
+    batch: int
+    input_size: int
+    hidden_size: int
+
+    def flops(self):
+        """Forward multiply-adds of the two matrix products × 2."""
+        return 2 * self.batch * 4 * self.hidden_size * (self.input_size + self.hidden_size)
+
+    def shape(self):
+        return f"B{self.batch} I{self.input_size} H{self.hidden_size}"
+
+
+# LSTM steps of language models, captioning and translation.
+LSTM_CATALOG = (
+    LstmCellLayer("cell.small", 64, 128, 256),
+    LstmCellLayer("cell.large", 64, 512, 512),
+    LstmCellLayer("cell.b1", 1, 256, 256),
+)
+
+CATALOGS = {"conv2d": CONV2D_CATALOG, "max_pool2d": MAX_POOL2D_CATALOG, "lstm": LSTM_CATALOG}
 
 
 @dataclasses.dataclass
@@ -250,8 +275,45 @@ def max_pool2d_cases(layer, device="cpu", dtype=torch.float32):
                                                                     " channels_last")
 
 
-CASES = {"conv2d": conv2d_cases, "max_pool2d": max_pool2d_cases}
-UNITS = {"conv2d": "GFLOP/s", "max_pool2d": "GB/s"}
+def lstm_cases(layer, device="cpu", dtype=torch.float32):
+    """(mode, native fn, ours fn, flops) for one catalog step: torch.nn.LSTMCell
+    against pyconvext.nn.LSTMCell with the same parameters; forward+backward
+    takes the gradients of the input, both states and every parameter."""
+    from . import nn
+
+    torch.manual_seed(0)
+    native = torch.nn.LSTMCell(layer.input_size, layer.hidden_size, device=device, dtype=dtype)
+    ours = nn.LSTMCell(layer.input_size, layer.hidden_size, device=device, dtype=dtype)
+    ours.load_state_dict(native.state_dict())
+    gen = torch.Generator().manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen).to(device, dtype)
+
+    x = randn(layer.batch, layer.input_size)
+    state = (randn(layer.batch, layer.hidden_size), randn(layer.batch, layer.hidden_size))
+    grads = (randn(layer.batch, layer.hidden_size), randn(layer.batch, layer.hidden_size))
+    leaves = [t.clone().requires_grad_() for t in (x, *state)]
+
+    def forward(cell):
+        def run():
+            with torch.no_grad():
+                return cell(x, state)
+        return run
+
+    def forward_backward(cell):
+        inputs = leaves + list(cell.parameters())
+        return lambda: torch.autograd.grad(cell(leaves[0], tuple(leaves[1:])), inputs, grads)
+
+    flops = layer.flops()
+    return [
+        ("forward", forward(native), forward(ours), flops),
+        ("forward+backward", forward_backward(native), forward_backward(ours), 3 * flops),
+    ]
+
+
+CASES = {"conv2d": conv2d_cases, "max_pool2d": max_pool2d_cases, "lstm": lstm_cases}
+UNITS = {"conv2d": "GFLOP/s", "max_pool2d": "GB/s", "lstm": "GFLOP/s"}
 
 
 def copy_bandwidth(device="cpu", megabytes=128):

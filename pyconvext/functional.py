@@ -3,7 +3,7 @@
 import torch
 from torch.nn.modules.utils import _pair
 
-__all__ = ["conv2d", "max_pool2d"]
+__all__ = ["conv2d", "lstm_cell", "max_pool2d"]
 
 
 def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
@@ -64,3 +64,18 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
     if torch.is_grad_enabled() and input.requires_grad:
         return ops.max_pool2d(input, *params)[0]
     return ops.max_pool2d_values(input, *params)
+
+
+def lstm_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
+    """One LSTM step on pyconvext's kernels, as torch.nn.LSTMCell computes it.
+
+    input (batch, input_size) or (input_size,); hx = (h, c), each (batch, hidden_size) or
+    (hidden_size,); w_ih (4 * hidden_size, input_size), w_hh (4 * hidden_size, hidden_size),
+    biases (4 * hidden_size,) or None; gates in the order i, f, g, o. Returns (h, c).
+    """
+    h, c = hx
+    batched = input.dim() != 1
+    if not batched:
+        input, h, c = input.unsqueeze(0), h.unsqueeze(0), c.unsqueeze(0)
+    h, c, _ = torch.ops.pyconvext.lstm_cell(input, h, c, w_ih, w_hh, b_ih, b_hh)
+    return (h, c) if batched else (h.squeeze(0), c.squeeze(0))

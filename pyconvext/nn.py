@@ -9,7 +9,7 @@ from torch.nn.modules.utils import _pair
 
 from . import functional
 
-__all__ = ["Conv2d", "MaxPool2d"]
+__all__ = ["Conv2d", "LSTMCell", "MaxPool2d"]
 
 
 class Conv2d(torch.nn.Conv2d):
@@ -34,3 +34,25 @@ class MaxPool2d(torch.nn.MaxPool2d):
         return functional.max_pool2d(input, self.kernel_size, self.stride, self.padding,
                                      self.dilation, ceil_mode=self.ceil_mode,
                                      return_indices=self.return_indices)
+
+
+class LSTMCell(torch.nn.LSTMCell):
+    """torch.nn.LSTMCell on pyconvext.functional.lstm_cell."""
+
+    def forward(self, input, hx=None):
+        if input.dim() not in (1, 2):
+            raise ValueError(f"LSTMCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
+        if hx is not None:
+            for i, state in enumerate(hx):
+                if state.dim() not in (1, 2):
+                    raise ValueError(f"LSTMCell: Expected hx[{i}] to be 1D or 2D, got {state.dim()}D instead")
+        batched = input.dim() == 2
+        if not batched:
+            input = input.unsqueeze(0)
+        if hx is None:
+            zeros = torch.zeros(input.size(0), self.hidden_size, dtype=input.dtype, device=input.device)
+            hx = (zeros, zeros)
+        elif not batched:
+            hx = (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
+        h, c = functional.lstm_cell(input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        return (h, c) if batched else (h.squeeze(0), c.squeeze(0))

@@ -117,3 +117,20 @@ def test_pool_bench_command(tmp_path):
         if r["mode"] == "forward":
             assert abs(moved - 64 * 20 * 80 * 4) < 0.01 * moved
     assert "forward channels_last: geometric mean speedup" in result.stdout
+
+
+def test_lstm_cell_catalog_and_command(tmp_path):
+    from pyconvext.bench import LSTM_CATALOG
+
+    cells = {layer.name: (layer.batch, layer.input_size, layer.hidden_size) for layer in LSTM_CATALOG}
+    assert cells == {"cell.small": (64, 128, 256), "cell.large": (64, 512, 512), "cell.b1": (1, 256, 256)}
+    out_csv = tmp_path / "lstm.csv"
+    result = subprocess.run(
+        [sys.executable, "-m", "pyconvext", "bench", "--op", "lstm", "--layers", "cell.b1", "--min-time", "0.05",
+         "--csv", str(out_csv)],
+        capture_output=True, text=True, cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    rows = list(csv.DictReader(out_csv.open()))
+    assert [(r["layer"], r["mode"], r["unit"]) for r in rows] == [
+        ("cell.b1", "forward", "GFLOP/s"), ("cell.b1", "forward+backward", "GFLOP/s")]

@@ -48,7 +48,7 @@ def test_import_under_another_torch_is_refused():
 
 
 @pytest.mark.parametrize("op", ["conv2d", "conv2d_backward", "max_pool2d", "max_pool2d_values",
-                                "max_pool2d_backward"])
+                                "max_pool2d_backward", "lstm_cell", "lstm_cell_backward"])
 def test_cuda_call_without_cuda_kernel_names_the_fix(op):
     """Operators without a compiled CUDA kernel refuse CUDA tensors with a message
     that says why and how to rebuild. (Reached here without a GPU by
@@ -57,12 +57,16 @@ def test_cuda_call_without_cuda_kernel_names_the_fix(op):
         pytest.skip(f"this build has a CUDA kernel for {op}")
     x, w = torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3)
     pool = ([2, 2], [2, 2], [0, 0], [1, 1], False)
+    h = torch.randn(2, 4)
     args = {
         "conv2d": (x, w, None, [1, 1], [0, 0], [1, 1], 1),
         "conv2d_backward": (torch.randn(1, 4, 6, 6), x, w, [1, 1], [0, 0], [1, 1], 1, [True] * 3),
         "max_pool2d": (x, *pool),
         "max_pool2d_values": (x, *pool),
         "max_pool2d_backward": (torch.randn(1, 3, 4, 4), x, torch.zeros(1, 3, 4, 4, dtype=torch.long), *pool),
+        "lstm_cell": (torch.randn(2, 3), h, h, torch.randn(16, 3), torch.randn(16, 4), None, None),
+        "lstm_cell_backward": (h, h, torch.randn(2, 3), h, h, torch.randn(16, 3), torch.randn(16, 4),
+                               torch.randn(2, 20), False),
     }[op]
     cuda = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
     with pytest.raises(NotImplementedError, match=rf"^pyconvext.{op}: got CUDA tensors, but .*Rebuild pyconvext"):

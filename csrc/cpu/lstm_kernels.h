@@ -1,0 +1,129 @@
+// The element-wise loops of the CPU LSTM kernels, included by cpu/lstm.cpp
+// once per instruction set inside a namespace that defines kVectorBytes and
+// under a `#pragma GCC target` for that set (see cpu/max_pool2d_kernels.h for
+// why). No include guard.
+
+// exp of float32 lanes (Cephes' expf: range reduction to [-ln2/2, ln2/2], a
+// degree-6 polynomial, scaling by 2^n through the exponent bits; within 2
+// ulp), and the activations built on it. Inputs below -88.38 give ~1e-38
+// instead of a denormal or 0, which no gate result can tell apart.
+template <typename V>
+inline V exp_lanes(V x) {
+  using I = simd::Vec<int32_t, sizeof(V)>;
+  const V hi = V{} + 88.3762626647949f, lo = V{} - 88.3762626647949f;
+  x = x < hi ? x : hi;
+  x = x > lo ? x : lo;
+  const V fx = x * 1.44269504088896341f + 0.5f;
+  I n = __builtin_convertvector(fx, I);
+  n += (__builtin_convertvector(n, V) > fx);  // truncation to floor: -1 where it rounded up
+  const V fn = __builtin_convertvector(n, V);
+  x = x - fn * 0.693359375f + fn * 2.12194440e-4f;
+  const V z = x * x;
+  V y = V{} + 1.9875691500e-4f;
+  y = y * x + 1.3981999507e-3f;
+  y = y * x + 8.3334519073e-3f;
+  y = y * x + 4.1665795894e-2f;
+  y = y * x + 1.6666665459e-1f;
+  y = y * x + 5.0000001201e-1f;
+  y = y * z + x + 1.0f;
+  const I scale = (n + 127) << 23;
+  V pow2n;
+  std::memcpy(&pow2n, &scale, sizeof(V));
+  return y * pow2n;
+}
+
+template <typename V>
+struct VectorActivations {
+  static V sigmoid(V x) { return 1.0f / (1.0f + exp_lanes(-x)); }
+  // 1 - 2 / (e^2x + 1): exact at both ends; near 0 its absolute error stays
+  // within a float32 rounding of 1.
+  static V tanh(V x) { return 1.0f - 2.0f / (exp_lanes(x + x) + 1.0f); }
+};
+
+// float32 runs on vectors, float64 (and the tails) one element at a time.
+template <typename T>
+constexpr int64_t activation_lanes() {
+  return std::is_same_v<T, float> ? kVectorBytes / static_cast<int64_t>(sizeof(float)) : 1;
+}
+
+// The forward of rows [begin, end) of a step: from the gate pre-activations
+// (rows of 4 * H) and c_prev, the activations i, f, g, o and tanh(c) into the
+// workspace (rows of 5 * H), and c and h.
+template <typename T>
+void cell_forward_rows(const CellArgs<T>& a, int64_t begin, int64_t end) {
+  const int64_t H = a.hidden_size;
+  constexpr int64_t lanes = activation_lanes<T>();
+  for (int64_t b = begin; b < end; ++b) {
+    const T* gates = a.gates + b * 4 * H;
+    const T* c_prev = a.c_prev + b * a.c_prev_stride;
+    T* ws = a.workspace + b * 5 * H;
+    T* c = a.c + b * a.c_stride;
+    T* h = a.h + b * a.h_stride;
+    int64_t j = 0;
+    if constexpr (lanes > 1) {
+      using V = simd::Vec<T, lanes * sizeof(T)>;
+      for (; j + lanes <= H; j += lanes) {
+        V i, f, g, o, c_new, tanh_c;
+        lstm_forward_element<VectorActivations<V>>(
+            simd::load<V>(gates + j), simd::load<V>(gates + H + j), simd::load<V>(gates + 2 * H + j),
+            simd::load<V>(gates + 3 * H + j), simd::load<V>(c_prev + j), i, f, g, o, c_new, tanh_c);
+        simd::store(ws + j, i);
+        simd::store(ws + H + j, f);
+        simd::store(ws + 2 * H + j, g);
+        simd::store(ws + 3 * H + j, o);
+        simd::store(ws + 4 * H + j, tanh_c);
+        simd::store(c + j, c_new);
+        simd::store(h + j, o * tanh_c);
+      }
+    }
+    for (; j < H; ++j) {
+      T i, f, g, o, c_new, tanh_c;
+      lstm_forward_element<ScalarActivations<T>>(gates[j], gates[H + j], gates[2 * H + j],
+                                                  gates[3 * H + j], c_prev[j], i, f, g, o, c_new,
+                                                  tanh_c);
+      ws[j] = i;
+      ws[H + j] = f;
+      ws[2 * H + j] = g;
+      ws[3 * H + j] = o;
+      ws[4 * H + j] = tanh_c;
+      c[j] = c_new;
+      h[j] = o * tanh_c;
+    }
+  }
+}
+
+// The backward of rows [begin, end) of a step: from the workspace, c_prev
+// and the gradients of h and c, the gradients of the gate pre-activations
+// (rows of 4 * H) and of c_prev.
+template <typename T>
+void cell_backward_rows(const CellGradArgs<T>& a, int64_t begin, int64_t end) {
+  const int64_t H = a.hidden_size;
+  constexpr int64_t lanes = kVectorBytes / static_cast<int64_t>(sizeof(T));
+  using V = simd::Vec<T, kVectorBytes>;
+  for (int64_t b = begin; b < end; ++b) {
+    const T* ws = a.workspace + b * 5 * H;
+    const T* c_prev = a.c_prev + b * a.c_prev_stride;
+    const T* dh = a.grad_h + b * a.grad_h_stride;
+    const T* dc = a.grad_c + b * a.grad_c_stride;
+    T* d = a.grad_gates + b * 4 * H;
+    T* dc_prev = a.grad_c_prev + b * a.grad_c_prev_stride;
+    int64_t j = 0;
+    for (; j + lanes <= H; j += lanes) {
+      V d_i, d_f, d_g, d_o, d_c;
+      lstm_backward_element(simd::load<V>(ws + j), simd::load<V>(ws + H + j),
+                            simd::load<V>(ws + 2 * H + j), simd::load<V>(ws + 3 * H + j),
+                            simd::load<V>(ws + 4 * H + j), simd::load<V>(c_prev + j),
+                            simd::load<V>(dh + j), simd::load<V>(dc + j), d_i, d_f, d_g, d_o, d_c);
+      simd::store(d + j, d_i);
+      simd::store(d + H + j, d_f);
+      simd::store(d + 2 * H + j, d_g);
+      simd::store(d + 3 * H + j, d_o);
+      simd::store(dc_prev + j, d_c);
+    }
+    for (; j < H; ++j) {
+      lstm_backward_element(ws[j], ws[H + j], ws[2 * H + j], ws[3 * H + j], ws[4 * H + j],
+                            c_prev[j], dh[j], dc[j], d[j], d[H + j], d[2 * H + j], d[3 * H + j],
+                            dc_prev[j]);
+    }
+  }
+}

@@ -1,0 +1,200 @@
+"""pyconvext.lstm_cell and nn.LSTMCell against torch.nn.LSTMCell on the CPU:
+states and every gradient, batchless input, a missing state, bad input."""
+
+import re
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+import pyconvext
+from pyconvext import functional as P
+
+OPS = torch.ops.pyconvext
+
+
+def randn(gen, *shape, dtype=torch.float32):
+    return torch.randn(*shape, generator=gen).to(dtype)
+
+
+def cells(gen, input_size, hidden_size, bias, dtype):
+    """A native LSTMCell and ours with the same random parameters."""
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    native = torch.nn.LSTMCell(input_size, hidden_size, bias=bias, dtype=dtype)
+    ours = pyconvext.nn.LSTMCell(input_size, hidden_size, bias=bias, dtype=dtype)
+    ours.load_state_dict(native.state_dict(), strict=True)
+    return native, ours
+
+
+def run(cell, x, state, grads):
+    """Outputs and the gradients of every input and parameter."""
+    leaves = [t.detach().clone().requires_grad_() for t in (x, *state)] if state else [
+        x.detach().clone().requires_grad_()]
+    h, c = cell(leaves[0], tuple(leaves[1:]) if state else None)
+    params = list(cell.parameters())
+    got = torch.autograd.grad((h, c), leaves + params, grads)
+    return (h, c), got
+
+
+SIZES = [(64, 3, 5), (7, 16, 33), (1, 20, 64), (5, 9, 100)]  # (batch, input, hidden): tails, B = 1
+
+
+@pytest.mark.parametrize("batch,input_size,hidden_size", SIZES)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("state", ["given", "missing"])
+def test_cell_matches_native(gen, batch, input_size, hidden_size, bias, dtype, state):
+    native, ours = cells(gen, input_size, hidden_size, bias, dtype)
+    x = randn(gen, batch, input_size, dtype=dtype)
+    hx = (randn(gen, batch, hidden_size, dtype=dtype), randn(gen, batch, hidden_size, dtype=dtype))
+    hx = hx if state == "given" else None
+    grads = (randn(gen, batch, hidden_size, dtype=dtype), randn(gen, batch, hidden_size, dtype=dtype))
+    want, want_grads = run(native, x, hx, grads)
+    got, got_grads = run(ours, x, hx, grads)
+    assert_close(got, want)
+    for g, w in zip(got_grads, want_grads):
+        assert_close(g, w)
+
+
+def test_batchless_input(gen):
+    native, ours = cells(gen, 6, 10, True, torch.float32)
+    x, h, c = randn(gen, 6), randn(gen, 10), randn(gen, 10)
+    for hx in ((h, c), None):
+        want, got = native(x, hx), ours(x, hx)
+        assert got[0].shape == (10,)
+        assert_close(got, want)
+
+
+def test_large_gate_values(gen):
+    """Saturated gates (|x| up to 100) and values near 0: the vector exp and
+    tanh against native's."""
+    native, ours = cells(gen, 4, 40, True, torch.float32)
+    x = torch.cat([randn(gen, 8, 4) * 30, randn(gen, 8, 4) * 1e-4])
+    hx = (randn(gen, 16, 40) * 3, randn(gen, 16, 40) * 40)
+    assert_close(ours(x, hx), native(x, hx))
+
+
+def test_functional_and_operator(gen):
+    x, h, c = randn(gen, 3, 5), randn(gen, 3, 7), randn(gen, 3, 7)
+    w_ih, w_hh, b_ih, b_hh = randn(gen, 28, 5), randn(gen, 28, 7), randn(gen, 28), randn(gen, 28)
+    want = torch._VF.lstm_cell(x, (h, c), w_ih, w_hh, b_ih, b_hh)
+    assert_close(P.lstm_cell(x, (h, c), w_ih, w_hh, b_ih, b_hh), want)
+    hy, cy, workspace = OPS.lstm_cell(x, h, c, w_ih, w_hh, b_ih, b_hh)
+    assert workspace.shape == (3, 5 * 7)
+    i, f, g, o, tanh_c = workspace.split(7, dim=1)
+    assert_close(tanh_c, torch.tanh(cy))
+    assert_close(hy, o * tanh_c)
+
+
+def test_gradcheck(gen):
+    x = randn(gen, 3, 4, dtype=torch.float64).requires_grad_()
+    h, c = (randn(gen, 3, 5, dtype=torch.float64).requires_grad_() for _ in range(2))
+    weights = [randn(gen, *shape, dtype=torch.float64).requires_grad_()
+               for shape in ((20, 4), (20, 5), (20,), (20,))]
+    assert torch.autograd.gradcheck(lambda *args: P.lstm_cell(args[0], args[1:3], *args[3:]),
+                                    (x, h, c, *weights))
+    assert torch.autograd.gradcheck(lambda *args: P.lstm_cell(args[0], args[1:3], *args[3:]),
+                                    (x, h, c, *weights[:2]))
+    # Either bias alone, as native allows.
+    assert torch.autograd.gradcheck(lambda *args: P.lstm_cell(args[0], args[1:3], *args[3:], None),
+                                    (x, h, c, *weights[:3]))
+    assert torch.autograd.gradcheck(lambda *args: P.lstm_cell(args[0], args[1:3], *args[3:5], None, args[5]),
+                                    (x, h, c, *weights[:2], weights[3]))
+
+
+def test_one_bias_as_native(gen):
+    x, h, c = randn(gen, 3, 5), randn(gen, 3, 7), randn(gen, 3, 7)
+    w_ih, w_hh, b = randn(gen, 28, 5), randn(gen, 28, 7), randn(gen, 28)
+    for biases in ((b, None), (None, b)):
+        assert_close(P.lstm_cell(x, (h, c), w_ih, w_hh, *biases), torch._VF.lstm_cell(x, (h, c), w_ih, w_hh, *biases))
+
+
+def test_opcheck(gen):
+    x, h, c = randn(gen, 3, 5), randn(gen, 3, 7), randn(gen, 3, 7)
+    weights = [randn(gen, 28, 5), randn(gen, 28, 7), randn(gen, 28), randn(gen, 28)]
+    args = [t.requires_grad_() for t in (x, h, c, *weights)]
+    torch.library.opcheck(OPS.lstm_cell.default, args)
+    torch.library.opcheck(OPS.lstm_cell.default, [*args[:5], None, None])
+    hy, cy, workspace = OPS.lstm_cell(*[t.detach() for t in args])
+    torch.library.opcheck(OPS.lstm_cell_backward.default,
+                          [torch.randn_like(hy), torch.randn_like(cy), x.detach(), h.detach(), c.detach(),
+                           weights[0].detach(), weights[1].detach(), workspace, True])
+
+
+def test_torch_compile_fullgraph(gen):
+    torch._dynamo.reset()
+    _, cell = cells(gen, 6, 12, True, torch.float32)
+    x, hx = randn(gen, 4, 6).requires_grad_(), (randn(gen, 4, 12), randn(gen, 4, 12))
+    want = cell(x, hx)
+    want_grads = torch.autograd.grad(sum(t.sum() for t in want), [x, *cell.parameters()])
+    compiled = torch.compile(cell, fullgraph=True)
+    got = compiled(x, hx)
+    got_grads = torch.autograd.grad(sum(t.sum() for t in got), [x, *cell.parameters()])
+    assert_close(got, want)
+    for g, w in zip(got_grads, want_grads):
+        assert_close(g, w)
+
+
+def test_inputs_never_modified(gen):
+    args = [randn(gen, 3, 5), randn(gen, 3, 7), randn(gen, 3, 7), randn(gen, 28, 5), randn(gen, 28, 7),
+            randn(gen, 28), randn(gen, 28)]
+    saved = [t.clone() for t in args]
+    hy, cy, workspace = OPS.lstm_cell(*args)
+    grads = [torch.randn_like(hy), torch.randn_like(cy)]
+    kept = [g.clone() for g in grads] + [workspace.clone()]
+    OPS.lstm_cell_backward(*grads, *args[:5], workspace, True)
+    for t, s in zip(args + grads + [workspace], saved + kept):
+        assert torch.equal(t, s)
+
+
+def t(*shape, dtype=torch.float32):
+    return torch.randn(*shape).to(dtype)
+
+
+# (name, arguments of functional.lstm_cell as (input, (h, c), w_ih, w_hh, b_ih, b_hh), error, message)
+BAD_INPUTS = [
+    ("wrong input size", (t(2, 6), (t(2, 4), t(2, 4)), t(16, 5), t(16, 4), None, None), RuntimeError,
+     r"expected w_ih of size \(4 \* hidden_size, input_size\) = \[16, 6\], but got w_ih of size \[16, 5\]"),
+    ("wrong h size", (t(2, 5), (t(2, 3), t(2, 4)), t(16, 5), t(16, 4), None, None), RuntimeError,
+     r"expected hx of size \(batch, hidden_size\) = \[2, 4\], but got hx of size \[2, 3\]"),
+    ("wrong c size", (t(2, 5), (t(2, 4), t(2, 5)), t(16, 5), t(16, 4), None, None), RuntimeError,
+     r"expected cx of size \(batch, hidden_size\) = \[2, 4\], but got cx of size \[2, 5\]"),
+    ("batch mismatch", (t(3, 5), (t(2, 4), t(2, 4)), t(16, 5), t(16, 4), None, None), RuntimeError,
+     r"expected hx of size \(batch, hidden_size\) = \[3, 4\], but got hx of size \[2, 4\]"),
+    ("w_hh not 4H x H", (t(2, 5), (t(2, 4), t(2, 4)), t(16, 5), t(12, 4), None, None), RuntimeError,
+     r"expected w_hh of size \(4 \* hidden_size, hidden_size\), but got w_hh of size \[12, 4\]"),
+    ("bias of wrong size", (t(2, 5), (t(2, 4), t(2, 4)), t(16, 5), t(16, 4), t(15), t(16)), RuntimeError,
+     r"expected biases of size \(4 \* hidden_size\) = \[16\], but got a bias of size \[15\]"),
+    ("3-D input", (t(2, 2, 5), (t(2, 4), t(2, 4)), t(16, 5), t(16, 4), None, None), RuntimeError,
+     r"expected input of size \(batch, input_size\), but got input of size \[2, 2, 5\]"),
+    ("dtype mismatch", (t(2, 5, dtype=torch.float64), (t(2, 4), t(2, 4)), t(16, 5), t(16, 4), None, None),
+     RuntimeError, r"input \(Double\) and hx \(Float\) must have the same dtype"),
+    ("integer input", (t(2, 5, dtype=torch.int32), (t(2, 4, dtype=torch.int32), t(2, 4, dtype=torch.int32)),
+                       t(16, 5, dtype=torch.int32), t(16, 4, dtype=torch.int32), None, None),
+     NotImplementedError, r"input has dtype Int, but only float32 and float64 are supported"),
+]
+
+
+@pytest.mark.parametrize("name,args,error,message", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input(name, args, error, message):
+    with pytest.raises(error, match="^pyconvext.lstm_cell: " + message):
+        P.lstm_cell(*args)
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        torch._VF.lstm_cell(*args)
+
+
+def test_module_errors_as_native(gen):
+    native, ours = cells(gen, 5, 4, True, torch.float32)
+    for bad in ((t(2, 2, 5), None), (t(2, 5), (t(1, 2, 4), t(2, 4)))):
+        with pytest.raises(ValueError) as want:
+            native(*bad)
+        with pytest.raises(ValueError, match=re.escape(str(want.value))):
+            ours(*bad)
+
+
+def test_module_state_dict_and_repr(gen):
+    native, ours = cells(gen, 5, 4, False, torch.float32)
+    assert isinstance(ours, torch.nn.LSTMCell)
+    assert repr(ours) == repr(native)
+    assert ours.state_dict().keys() == native.state_dict().keys()
+    native.load_state_dict(ours.state_dict(), strict=True)
