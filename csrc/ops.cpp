@@ -49,6 +49,22 @@ TORCH_LIBRARY(pyconvext, m) {
       "Tensor w_ih, Tensor w_hh, Tensor workspace, bool has_bias) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
+  // A whole sequence in one direction: input (steps, batch, input_size), or
+  // packed rows with batch_sizes; w_hr projects the hidden state (proj_size).
+  // Returns (output, hy, cy, workspace).
+  m.def(
+      "lstm_layer(Tensor input, Tensor hx, Tensor cx, Tensor w_ih, Tensor w_hh, Tensor? b_ih, "
+      "Tensor? b_hh, Tensor? w_hr, Tensor? batch_sizes, bool reverse) "
+      "-> (Tensor, Tensor, Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
+  // Gradients of (input, hx, cx, w_ih, w_hh, bias, w_hr); bias and w_hr
+  // undefined where absent.
+  m.def(
+      "lstm_layer_backward(Tensor grad_output, Tensor grad_hy, Tensor grad_cy, Tensor input, "
+      "Tensor hx, Tensor cx, Tensor w_ih, Tensor w_hh, Tensor? w_hr, Tensor? batch_sizes, "
+      "bool reverse, Tensor output, Tensor workspace, bool has_bias) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
 }
 
 namespace {

@@ -12,7 +12,7 @@ import torch
 from . import _BUILD_INFO
 
 OPS = ("conv2d", "conv2d_backward", "max_pool2d", "max_pool2d_values", "max_pool2d_backward",
-       "lstm_cell", "lstm_cell_backward")
+       "lstm_cell", "lstm_cell_backward", "lstm_layer", "lstm_layer_backward")
 
 # Dispatch keys with a compiled kernel, per operator (read before any Python
 # kernel below is registered).
@@ -253,6 +253,48 @@ def _lstm_cell_grad(ctx, grad_hy, grad_cy, grad_workspace):
 
 torch.library.register_autograd(
     "pyconvext::lstm_cell", _lstm_cell_grad, setup_context=_lstm_cell_setup_context
+)
+
+
+# --- lstm_layer ---------------------------------------------------------------------
+
+@torch.library.register_fake("pyconvext::lstm_layer")
+def _lstm_layer_fake(input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse):
+    hidden, output_size = cx.shape[1], hx.shape[1]
+    rows = input.shape[0] if batch_sizes is not None else input.shape[0] * input.shape[1]
+    output = input.new_empty((*input.shape[:-1], output_size))
+    columns = (7 if w_hr is not None else 6) * hidden
+    return output, hx.new_empty(hx.shape), cx.new_empty(cx.shape), input.new_empty((rows, columns))
+
+
+@torch.library.register_fake("pyconvext::lstm_layer_backward")
+def _lstm_layer_backward_fake(grad_output, grad_hy, grad_cy, input, hx, cx, w_ih, w_hh, w_hr,
+                              batch_sizes, reverse, output, workspace, has_bias):
+    return (torch.empty_like(input), torch.empty_like(hx), torch.empty_like(cx), torch.empty_like(w_ih),
+            torch.empty_like(w_hh), w_ih.new_empty((w_ih.shape[0],)) if has_bias else None,
+            torch.empty_like(w_hr) if w_hr is not None else None)
+
+
+def _lstm_layer_setup_context(ctx, inputs, output):
+    input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse = inputs
+    ctx.save_for_backward(input, hx, cx, w_ih, w_hh, w_hr, batch_sizes, output[0], output[3])
+    ctx.biases = (b_ih is not None, b_hh is not None)
+    ctx.reverse = reverse
+    ctx.mark_non_differentiable(output[3])
+
+
+def _lstm_layer_grad(ctx, grad_output, grad_hy, grad_cy, grad_workspace):
+    input, hx, cx, w_ih, w_hh, w_hr, batch_sizes, output, workspace = ctx.saved_tensors
+    grads = torch.ops.pyconvext.lstm_layer_backward(
+        grad_output, grad_hy, grad_cy, input, hx, cx, w_ih, w_hh, w_hr, batch_sizes, ctx.reverse,
+        output, workspace, any(ctx.biases),
+    )
+    grad_b_ih, grad_b_hh = (grads[5] if given else None for given in ctx.biases)
+    return (*grads[:5], grad_b_ih, grad_b_hh, grads[6], None, None)
+
+
+torch.library.register_autograd(
+    "pyconvext::lstm_layer", _lstm_layer_grad, setup_context=_lstm_layer_setup_context
 )
 
 

@@ -137,11 +137,41 @@ class LstmCellLayer:
         return f"B{self.batch} I{self.input_size} H{self.hidden_size}"
 
 
-# LSTM steps of language models, captioning and translation.
+@dataclasses.dataclass(frozen=True)
+class LstmSequence:
+    """An nn.LSTM over `steps` steps of a batch of sequences."""
+
+    name: str
+    steps: int
+    batch: int
+    input_size: int
+    hidden_size: int
+    num_layers: int = 1
+    bidirectional: bool = False
+
+    def flops(self):
+        """Forward multiply-adds of the matrix products × 2, over layers and directions."""
+        directions = 2 if self.bidirectional else 1
+        total, inputs = 0, self.input_size
+        for _ in range(self.num_layers):
+            total += directions * 2 * self.steps * self.batch * 4 * self.hidden_size * (inputs + self.hidden_size)
+            inputs = directions * self.hidden_size
+        return total
+
+    def shape(self):
+        text = f"T{self.steps} B{self.batch} I{self.input_size} H{self.hidden_size}"
+        text += f" L{self.num_layers}" if self.num_layers > 1 else ""
+        return text + (" bidir" if self.bidirectional else "")
+
+
+# LSTM steps and sequences of language models, captioning and translation.
 LSTM_CATALOG = (
     LstmCellLayer("cell.small", 64, 128, 256),
     LstmCellLayer("cell.large", 64, 512, 512),
     LstmCellLayer("cell.b1", 1, 256, 256),
+    LstmSequence("lstm.lm", 35, 32, 256, 256),
+    LstmSequence("lstm.caption", 20, 64, 512, 512),
+    LstmSequence("lstm.seq2seq", 30, 32, 256, 256, num_layers=2, bidirectional=True),
 )
 
 CATALOGS = {"conv2d": CONV2D_CATALOG, "max_pool2d": MAX_POOL2D_CATALOG, "lstm": LSTM_CATALOG}
@@ -276,34 +306,50 @@ def max_pool2d_cases(layer, device="cpu", dtype=torch.float32):
 
 
 def lstm_cases(layer, device="cpu", dtype=torch.float32):
-    """(mode, native fn, ours fn, flops) for one catalog step: torch.nn.LSTMCell
-    against pyconvext.nn.LSTMCell with the same parameters; forward+backward
-    takes the gradients of the input, both states and every parameter."""
+    """(mode, native fn, ours fn, flops) for one catalog step or sequence:
+    torch.nn.LSTMCell / LSTM against pyconvext's with the same parameters;
+    forward+backward takes the gradients of the input, the states and every
+    parameter."""
     from . import nn
 
     torch.manual_seed(0)
-    native = torch.nn.LSTMCell(layer.input_size, layer.hidden_size, device=device, dtype=dtype)
-    ours = nn.LSTMCell(layer.input_size, layer.hidden_size, device=device, dtype=dtype)
-    ours.load_state_dict(native.state_dict())
     gen = torch.Generator().manual_seed(0)
 
     def randn(*shape):
         return torch.randn(*shape, generator=gen).to(device, dtype)
 
-    x = randn(layer.batch, layer.input_size)
-    state = (randn(layer.batch, layer.hidden_size), randn(layer.batch, layer.hidden_size))
-    grads = (randn(layer.batch, layer.hidden_size), randn(layer.batch, layer.hidden_size))
+    if isinstance(layer, LstmCellLayer):
+        native = torch.nn.LSTMCell(layer.input_size, layer.hidden_size, device=device, dtype=dtype)
+        ours = nn.LSTMCell(layer.input_size, layer.hidden_size, device=device, dtype=dtype)
+        x = randn(layer.batch, layer.input_size)
+        state_shape = (layer.batch, layer.hidden_size)
+        grads = (randn(*state_shape), randn(*state_shape))
+    else:
+        options = dict(num_layers=layer.num_layers, bidirectional=layer.bidirectional, device=device, dtype=dtype)
+        native = torch.nn.LSTM(layer.input_size, layer.hidden_size, **options)
+        ours = nn.LSTM(layer.input_size, layer.hidden_size, **options)
+        x = randn(layer.steps, layer.batch, layer.input_size)
+        directions = 2 if layer.bidirectional else 1
+        state_shape = (layer.num_layers * directions, layer.batch, layer.hidden_size)
+        grads = (randn(layer.steps, layer.batch, directions * layer.hidden_size),
+                 randn(*state_shape), randn(*state_shape))
+    ours.load_state_dict(native.state_dict())
+    state = (randn(*state_shape), randn(*state_shape))
     leaves = [t.clone().requires_grad_() for t in (x, *state)]
 
-    def forward(cell):
+    def call(module, x, state):
+        out = module(x, state)
+        return out if isinstance(layer, LstmCellLayer) else (out[0], *out[1])
+
+    def forward(module):
         def run():
             with torch.no_grad():
-                return cell(x, state)
+                return call(module, x, state)
         return run
 
-    def forward_backward(cell):
-        inputs = leaves + list(cell.parameters())
-        return lambda: torch.autograd.grad(cell(leaves[0], tuple(leaves[1:])), inputs, grads)
+    def forward_backward(module):
+        inputs = leaves + list(module.parameters())
+        return lambda: torch.autograd.grad(call(module, leaves[0], tuple(leaves[1:])), inputs, grads)
 
     flops = layer.flops()
     return [

@@ -3,7 +3,7 @@
 import torch
 from torch.nn.modules.utils import _pair
 
-__all__ = ["conv2d", "lstm_cell", "max_pool2d"]
+__all__ = ["conv2d", "lstm", "lstm_cell", "max_pool2d"]
 
 
 def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
@@ -79,3 +79,42 @@ def lstm_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
         input, h, c = input.unsqueeze(0), h.unsqueeze(0), c.unsqueeze(0)
     h, c, _ = torch.ops.pyconvext.lstm_cell(input, h, c, w_ih, w_hh, b_ih, b_hh)
     return (h, c) if batched else (h.squeeze(0), c.squeeze(0))
+
+
+def lstm(input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first=False,
+         batch_sizes=None):
+    """A multi-layer LSTM on pyconvext's kernels, as torch.lstm (torch.nn.LSTM's engine).
+
+    input (steps, batch, input_size), (batch, steps, input_size) with batch_first, or the data of
+    a PackedSequence with its batch_sizes; hx = (h0, c0) of (num_layers * directions, batch,
+    proj_size or hidden_size) and (num_layers * directions, batch, hidden_size); params the
+    module's flat weights (per layer and direction: w_ih, w_hh, then b_ih, b_hh with has_biases,
+    then w_hr with a projection). Dropout applies between layers in training. Returns
+    (output, h_n, c_n).
+    """
+    directions = 2 if bidirectional else 1
+    per_layer = len(params) // (num_layers * directions)
+    has_projection = per_layer == (4 if has_biases else 2) + 1
+    if batch_sizes is None and batch_first:
+        input = input.transpose(0, 1)
+    h0, c0 = hx
+    x, h_n, c_n = input, [], []
+    for layer in range(num_layers):
+        outputs = []
+        for direction in range(directions):
+            k = layer * directions + direction
+            w = params[k * per_layer:(k + 1) * per_layer]
+            b_ih, b_hh = (w[2], w[3]) if has_biases else (None, None)
+            w_hr = w[-1] if has_projection else None
+            output, h, c, _ = torch.ops.pyconvext.lstm_layer(
+                x, h0[k], c0[k], w[0], w[1], b_ih, b_hh, w_hr, batch_sizes, direction == 1
+            )
+            outputs.append(output)
+            h_n.append(h)
+            c_n.append(c)
+        x = outputs[0] if directions == 1 else torch.cat(outputs, dim=-1)
+        if dropout and train and layer < num_layers - 1:
+            x = torch.nn.functional.dropout(x, dropout, training=True)
+    if batch_sizes is None and batch_first:
+        x = x.transpose(0, 1)
+    return x, torch.stack(h_n), torch.stack(c_n)

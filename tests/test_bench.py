@@ -119,11 +119,15 @@ def test_pool_bench_command(tmp_path):
     assert "forward channels_last: geometric mean speedup" in result.stdout
 
 
-def test_lstm_cell_catalog_and_command(tmp_path):
-    from pyconvext.bench import LSTM_CATALOG
+def test_lstm_catalog_and_command(tmp_path):
+    from pyconvext.bench import LSTM_CATALOG, LstmCellLayer, LstmSequence
 
-    cells = {layer.name: (layer.batch, layer.input_size, layer.hidden_size) for layer in LSTM_CATALOG}
-    assert cells == {"cell.small": (64, 128, 256), "cell.large": (64, 512, 512), "cell.b1": (1, 256, 256)}
+    assert LSTM_CATALOG == (
+        LstmCellLayer("cell.small", 64, 128, 256), LstmCellLayer("cell.large", 64, 512, 512),
+        LstmCellLayer("cell.b1", 1, 256, 256), LstmSequence("lstm.lm", 35, 32, 256, 256),
+        LstmSequence("lstm.caption", 20, 64, 512, 512),
+        LstmSequence("lstm.seq2seq", 30, 32, 256, 256, num_layers=2, bidirectional=True),
+    )
     out_csv = tmp_path / "lstm.csv"
     result = subprocess.run(
         [sys.executable, "-m", "pyconvext", "bench", "--op", "lstm", "--layers", "cell.b1", "--min-time", "0.05",

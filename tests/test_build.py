@@ -48,7 +48,8 @@ def test_import_under_another_torch_is_refused():
 
 
 @pytest.mark.parametrize("op", ["conv2d", "conv2d_backward", "max_pool2d", "max_pool2d_values",
-                                "max_pool2d_backward", "lstm_cell", "lstm_cell_backward"])
+                                "max_pool2d_backward", "lstm_cell", "lstm_cell_backward", "lstm_layer",
+                                "lstm_layer_backward"])
 def test_cuda_call_without_cuda_kernel_names_the_fix(op):
     """Operators without a compiled CUDA kernel refuse CUDA tensors with a message
     that says why and how to rebuild. (Reached here without a GPU by
@@ -67,6 +68,11 @@ def test_cuda_call_without_cuda_kernel_names_the_fix(op):
         "lstm_cell": (torch.randn(2, 3), h, h, torch.randn(16, 3), torch.randn(16, 4), None, None),
         "lstm_cell_backward": (h, h, torch.randn(2, 3), h, h, torch.randn(16, 3), torch.randn(16, 4),
                                torch.randn(2, 20), False),
+        "lstm_layer": (torch.randn(5, 2, 3), h, h, torch.randn(16, 3), torch.randn(16, 4), None, None, None,
+                       None, False),
+        "lstm_layer_backward": (torch.randn(5, 2, 4), h, h, torch.randn(5, 2, 3), h, h, torch.randn(16, 3),
+                                torch.randn(16, 4), None, None, False, torch.randn(5, 2, 4),
+                                torch.randn(10, 24), False),
     }[op]
     cuda = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
     with pytest.raises(NotImplementedError, match=rf"^pyconvext.{op}: got CUDA tensors, but .*Rebuild pyconvext"):

@@ -198,3 +198,160 @@ def test_module_state_dict_and_repr(gen):
     assert repr(ours) == repr(native)
     assert ours.state_dict().keys() == native.state_dict().keys()
     native.load_state_dict(ours.state_dict(), strict=True)
+
+
+# --- nn.LSTM and lstm_layer ---------------------------------------------------------------
+
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence  # noqa: E402
+
+
+def lstms(gen, input_size, hidden_size, dtype=torch.float32, **options):
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    native = torch.nn.LSTM(input_size, hidden_size, dtype=dtype, **options)
+    ours = pyconvext.nn.LSTM(input_size, hidden_size, dtype=dtype, **options)
+    ours.load_state_dict(native.state_dict(), strict=True)
+    return native, ours
+
+
+def lstm_run(module, x, hx):
+    """The outputs and the gradients of the input, the state and every parameter,
+    for a fixed random combination of the outputs."""
+    packed = isinstance(x, PackedSequence)
+    data = x.data if packed else x
+    leaf = data.detach().clone().requires_grad_()
+    state = None if hx is None else tuple(t.detach().clone().requires_grad_() for t in hx)
+    arg = PackedSequence(leaf, x.batch_sizes, x.sorted_indices, x.unsorted_indices) if packed else leaf
+    output, (h, c) = module(arg, state)
+    out = output.data if packed else output
+    gen = torch.Generator().manual_seed(5)
+    loss = sum((t * torch.randn(t.shape, generator=gen, dtype=t.dtype)).sum() for t in (out, h, c))
+    inputs = [leaf, *(state or ()), *module.parameters()]
+    return (out, h, c), torch.autograd.grad(loss, inputs)
+
+
+def assert_lstm_matches(native, ours, x, hx):
+    want, want_grads = lstm_run(native, x, hx)
+    got, got_grads = lstm_run(ours, x, hx)
+    for g, w in zip(got, want):
+        assert_close(g, w)
+    for g, w in zip(got_grads, want_grads):
+        assert_close(g, w)
+
+
+LSTM_OPTIONS = [
+    dict(),
+    dict(num_layers=2),
+    dict(bias=False, batch_first=True),
+    dict(bidirectional=True),
+    dict(proj_size=3),
+    dict(num_layers=2, bidirectional=True, proj_size=4, batch_first=True),
+    dict(num_layers=3, bias=False, bidirectional=True),
+    dict(num_layers=2, dropout=0.5),  # eval mode: no dropout
+]
+
+
+@pytest.mark.parametrize("options", LSTM_OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("state", ["given", "missing"])
+def test_lstm_matches_native(gen, options, dtype, state):
+    native, ours = lstms(gen, 5, 7, dtype, **options)
+    native.eval(), ours.eval()
+    steps, batch = 6, 3
+    shape = (batch, steps, 5) if options.get("batch_first") else (steps, batch, 5)
+    x = randn(gen, *shape, dtype=dtype)
+    directions = 2 if options.get("bidirectional") else 1
+    layers = options.get("num_layers", 1) * directions
+    hx = (randn(gen, layers, batch, options.get("proj_size") or 7, dtype=dtype),
+          randn(gen, layers, batch, 7, dtype=dtype)) if state == "given" else None
+    assert_lstm_matches(native, ours, x, hx)
+
+
+@pytest.mark.parametrize("options", [dict(), dict(num_layers=2, bidirectional=True), dict(proj_size=2)])
+@pytest.mark.parametrize("enforce_sorted", [True, False])
+def test_lstm_packed_sequences(gen, options, enforce_sorted):
+    native, ours = lstms(gen, 4, 6, torch.float64, **options)
+    lengths = [5, 5, 3, 1] if enforce_sorted else [3, 5, 1, 5]
+    padded = randn(gen, 5, 4, 4, dtype=torch.float64)
+    x = pack_padded_sequence(padded, lengths, enforce_sorted=enforce_sorted)
+    directions = 2 if options.get("bidirectional") else 1
+    layers = options.get("num_layers", 1) * directions
+    hx = (randn(gen, layers, 4, options.get("proj_size") or 6, dtype=torch.float64),
+          randn(gen, layers, 4, 6, dtype=torch.float64))
+    for state in (hx, None):
+        assert_lstm_matches(native, ours, x, state)
+
+
+def test_lstm_batchless_input(gen):
+    native, ours = lstms(gen, 5, 6, num_layers=2, bidirectional=True)
+    x = randn(gen, 7, 5)
+    hx = (randn(gen, 4, 6), randn(gen, 4, 6))
+    for state in (hx, None):
+        want, got = native(x, state), ours(x, state)
+        assert got[0].shape == (7, 12)
+        assert_close(got, want)
+
+
+def test_lstm_dropout_in_training(gen):
+    """Dropout between layers: p = 1 drops everything (exactly native's result);
+    p = 0.5 draws a new mask per call from torch's generator."""
+    native, ours = lstms(gen, 5, 6, num_layers=2, dropout=1.0)
+    x = randn(gen, 4, 3, 5)
+    assert_close(ours(x)[0], native(x)[0])
+    ours.dropout = 0.5
+    torch.manual_seed(1)
+    first = ours(x)[0]
+    torch.manual_seed(1)
+    assert torch.equal(ours(x)[0], first)
+    assert not torch.equal(ours(x)[0], first)
+    ours.eval()
+    assert not torch.equal(ours(x)[0], first)
+
+
+def test_lstm_gradcheck(gen):
+    x = randn(gen, 4, 2, 3, dtype=torch.float64).requires_grad_()
+    h, c = randn(gen, 2, 4, dtype=torch.float64).requires_grad_(), randn(gen, 2, 5, dtype=torch.float64).requires_grad_()
+    w = [randn(gen, *s, dtype=torch.float64).requires_grad_() for s in ((20, 3), (20, 4), (20,), (20,), (4, 5))]
+    for reverse in (False, True):
+        assert torch.autograd.gradcheck(
+            lambda *a: OPS.lstm_layer(*a, None, reverse)[:3], (x, h, c, *w))
+    packed = randn(gen, 6, 3, dtype=torch.float64).requires_grad_()
+    sizes = torch.tensor([3, 2, 1])
+    h3, c3 = randn(gen, 3, 5, dtype=torch.float64).requires_grad_(), randn(gen, 3, 5, dtype=torch.float64).requires_grad_()
+    w_hh = randn(gen, 20, 5, dtype=torch.float64).requires_grad_()
+    for reverse in (False, True):
+        assert torch.autograd.gradcheck(
+            lambda *a: OPS.lstm_layer(*a, None, None, None, sizes, reverse)[:3], (packed, h3, c3, w[0], w_hh))
+
+
+def test_lstm_layer_opcheck(gen):
+    x, h, c = randn(gen, 4, 2, 3), randn(gen, 2, 4), randn(gen, 2, 5)
+    w = [randn(gen, *s) for s in ((20, 3), (20, 4), (20,), (20,), (4, 5))]
+    args = [t.requires_grad_() for t in (x, h, c, *w)]
+    torch.library.opcheck(OPS.lstm_layer.default, [*args, None, True])
+    torch.library.opcheck(OPS.lstm_layer.default, [randn(gen, 6, 3).requires_grad_(), randn(gen, 3, 5),
+                                                   randn(gen, 3, 5), randn(gen, 20, 3), randn(gen, 20, 5),
+                                                   None, None, None, torch.tensor([3, 2, 1]), False])
+
+
+def test_lstm_bad_input(gen):
+    native, ours = lstms(gen, 5, 6)
+    for x, hx in ((randn(gen, 4, 3, 7), None), (randn(gen, 4, 3, 5), (randn(gen, 1, 2, 6), randn(gen, 1, 2, 6))),
+                  (randn(gen, 4, 3, 5), (randn(gen, 1, 3, 6), randn(gen, 1, 3, 5))),
+                  (randn(gen, 2, 3, 4, 5), None), (randn(gen, 4, 3, 5), (randn(gen, 3, 6), randn(gen, 3, 6)))):
+        with pytest.raises((RuntimeError, ValueError)) as want:
+            native(x, hx)
+        with pytest.raises(want.type, match=re.escape(str(want.value))):
+            ours(x, hx)
+    with pytest.raises(RuntimeError, match=r"^pyconvext.lstm_layer: expected hx of size \(batch, hidden_size\) = \[3, 6\]"):
+        OPS.lstm_layer(randn(gen, 4, 3, 5), randn(gen, 2, 6), randn(gen, 3, 6), randn(gen, 24, 5), randn(gen, 24, 6),
+                       None, None, None, None, False)
+    with pytest.raises(RuntimeError, match=r"batch_sizes must be positive and non-increasing"):
+        OPS.lstm_layer(randn(gen, 6, 5), randn(gen, 2, 6), randn(gen, 2, 6), randn(gen, 24, 5), randn(gen, 24, 6),
+                       None, None, None, torch.tensor([2, 3, 1]), False)
+
+
+def test_lstm_module_state_dict(gen):
+    native, ours = lstms(gen, 5, 6, num_layers=2, bidirectional=True, proj_size=3)
+    assert isinstance(ours, torch.nn.LSTM) and repr(ours) == repr(native)
+    assert ours.state_dict().keys() == native.state_dict().keys()
+    native.load_state_dict(ours.state_dict(), strict=True)

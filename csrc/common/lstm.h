@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <vector>
 
 #include "common/host_device.h"
 
@@ -56,5 +57,22 @@ LstmCellGeometry check_lstm_cell(const at::Tensor& input, const at::Tensor& hx,
                                  const at::Tensor& cx, const at::Tensor& w_ih,
                                  const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
                                  const std::optional<at::Tensor>& b_hh);
+
+// Sizes of one lstm_layer call, after validation. The input is (steps,
+// batch, input_size), or packed: (rows, input_size) with batch_sizes, the
+// rows of each step (non-increasing), in order.
+struct LstmLayerGeometry {
+  int64_t steps, batch, rows, input_size, hidden_size;
+  int64_t output_size;  // proj_size with a projection, else hidden_size
+  std::vector<int64_t> batch_sizes, offsets;  // per step: rows, first row
+};
+
+// Validates the arguments of pyconvext::lstm_layer. Raises with a
+// "pyconvext.lstm_layer: ..." message that names the problem.
+LstmLayerGeometry check_lstm_layer(
+    const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+    const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& w_hr,
+    const std::optional<at::Tensor>& batch_sizes);
 
 }  // namespace pyconvext

@@ -48,7 +48,8 @@ constexpr int64_t activation_lanes() {
 
 // The forward of rows [begin, end) of a step: from the gate pre-activations
 // (rows of 4 * H) and c_prev, the activations i, f, g, o and tanh(c) into the
-// workspace (rows of 5 * H), and c and h.
+// workspace (and c_prev after them, with save_c_prev), and c and h. c may
+// overwrite c_prev in place.
 template <typename T>
 void cell_forward_rows(const CellArgs<T>& a, int64_t begin, int64_t end) {
   const int64_t H = a.hidden_size;
@@ -56,7 +57,7 @@ void cell_forward_rows(const CellArgs<T>& a, int64_t begin, int64_t end) {
   for (int64_t b = begin; b < end; ++b) {
     const T* gates = a.gates + b * 4 * H;
     const T* c_prev = a.c_prev + b * a.c_prev_stride;
-    T* ws = a.workspace + b * 5 * H;
+    T* ws = a.workspace + b * a.workspace_stride;
     T* c = a.c + b * a.c_stride;
     T* h = a.h + b * a.h_stride;
     int64_t j = 0;
@@ -64,9 +65,11 @@ void cell_forward_rows(const CellArgs<T>& a, int64_t begin, int64_t end) {
       using V = simd::Vec<T, lanes * sizeof(T)>;
       for (; j + lanes <= H; j += lanes) {
         V i, f, g, o, c_new, tanh_c;
+        const V c_old = simd::load<V>(c_prev + j);
         lstm_forward_element<VectorActivations<V>>(
             simd::load<V>(gates + j), simd::load<V>(gates + H + j), simd::load<V>(gates + 2 * H + j),
-            simd::load<V>(gates + 3 * H + j), simd::load<V>(c_prev + j), i, f, g, o, c_new, tanh_c);
+            simd::load<V>(gates + 3 * H + j), c_old, i, f, g, o, c_new, tanh_c);
+        if (a.save_c_prev) simd::store(ws + 5 * H + j, c_old);
         simd::store(ws + j, i);
         simd::store(ws + H + j, f);
         simd::store(ws + 2 * H + j, g);
@@ -78,9 +81,11 @@ void cell_forward_rows(const CellArgs<T>& a, int64_t begin, int64_t end) {
     }
     for (; j < H; ++j) {
       T i, f, g, o, c_new, tanh_c;
+      const T c_old = c_prev[j];
       lstm_forward_element<ScalarActivations<T>>(gates[j], gates[H + j], gates[2 * H + j],
-                                                  gates[3 * H + j], c_prev[j], i, f, g, o, c_new,
+                                                  gates[3 * H + j], c_old, i, f, g, o, c_new,
                                                   tanh_c);
+      if (a.save_c_prev) ws[5 * H + j] = c_old;
       ws[j] = i;
       ws[H + j] = f;
       ws[2 * H + j] = g;
@@ -94,14 +99,14 @@ void cell_forward_rows(const CellArgs<T>& a, int64_t begin, int64_t end) {
 
 // The backward of rows [begin, end) of a step: from the workspace, c_prev
 // and the gradients of h and c, the gradients of the gate pre-activations
-// (rows of 4 * H) and of c_prev.
+// (rows of 4 * H) and of c_prev (which may overwrite those of c in place).
 template <typename T>
 void cell_backward_rows(const CellGradArgs<T>& a, int64_t begin, int64_t end) {
   const int64_t H = a.hidden_size;
   constexpr int64_t lanes = kVectorBytes / static_cast<int64_t>(sizeof(T));
   using V = simd::Vec<T, kVectorBytes>;
   for (int64_t b = begin; b < end; ++b) {
-    const T* ws = a.workspace + b * 5 * H;
+    const T* ws = a.workspace + b * a.workspace_stride;
     const T* c_prev = a.c_prev + b * a.c_prev_stride;
     const T* dh = a.grad_h + b * a.grad_h_stride;
     const T* dc = a.grad_c + b * a.grad_c_stride;
