@@ -12,13 +12,12 @@ void check_like(const char* op, const char* name, const at::Tensor& t, const at:
               " (on ", t.device(), ") must be on the same device");
 }
 
-}  // namespace
-
-LstmCellGeometry check_lstm_cell(const at::Tensor& input, const at::Tensor& hx,
-                                 const at::Tensor& cx, const at::Tensor& w_ih,
-                                 const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
-                                 const std::optional<at::Tensor>& b_hh) {
-  constexpr const char* op = "pyconvext.lstm_cell";
+// The input's dtype is supported; every other tensor has its dtype and device.
+void check_dtypes_and_devices(const char* op, const at::Tensor& input, const at::Tensor& hx,
+                              const at::Tensor& cx, const at::Tensor& w_ih,
+                              const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+                              const std::optional<at::Tensor>& b_hh,
+                              const std::optional<at::Tensor>& w_hr) {
   const auto dtype = input.scalar_type();
   TORCH_CHECK_NOT_IMPLEMENTED(dtype == at::kFloat || dtype == at::kDouble, op,
                               ": input has dtype ", dtype,
@@ -29,6 +28,17 @@ LstmCellGeometry check_lstm_cell(const at::Tensor& input, const at::Tensor& hx,
   }
   if (b_ih.has_value()) check_like(op, "b_ih", *b_ih, input);
   if (b_hh.has_value()) check_like(op, "b_hh", *b_hh, input);
+  if (w_hr.has_value()) check_like(op, "w_hr", *w_hr, input);
+}
+
+}  // namespace
+
+LstmCellGeometry check_lstm_cell(const at::Tensor& input, const at::Tensor& hx,
+                                 const at::Tensor& cx, const at::Tensor& w_ih,
+                                 const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+                                 const std::optional<at::Tensor>& b_hh) {
+  constexpr const char* op = "pyconvext.lstm_cell";
+  check_dtypes_and_devices(op, input, hx, cx, w_ih, w_hh, b_ih, b_hh, std::nullopt);
 
   TORCH_CHECK(input.dim() == 2, op, ": expected input of size (batch, input_size), but got input of size ",
               input.sizes());
@@ -63,17 +73,7 @@ LstmLayerGeometry check_lstm_layer(
     const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& w_hr,
     const std::optional<at::Tensor>& batch_sizes) {
   constexpr const char* op = "pyconvext.lstm_layer";
-  const auto dtype = input.scalar_type();
-  TORCH_CHECK_NOT_IMPLEMENTED(dtype == at::kFloat || dtype == at::kDouble, op,
-                              ": input has dtype ", dtype,
-                              ", but only float32 and float64 are supported");
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"hx", hx}, {"cx", cx},
-                                {"w_ih", w_ih}, {"w_hh", w_hh}}) {
-    check_like(op, name, t, input);
-  }
-  if (b_ih.has_value()) check_like(op, "b_ih", *b_ih, input);
-  if (b_hh.has_value()) check_like(op, "b_hh", *b_hh, input);
-  if (w_hr.has_value()) check_like(op, "w_hr", *w_hr, input);
+  check_dtypes_and_devices(op, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr);
 
   LstmLayerGeometry g{};
   if (batch_sizes.has_value()) {

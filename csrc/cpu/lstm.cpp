@@ -67,40 +67,9 @@ struct ScalarActivations {
   static T tanh(T x) { return std::tanh(x); }
 };
 
-// The element-wise loops, compiled for each instruction set (see
-// cpu/lstm_kernels.h), and their dispatch on the CPU's.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define PYCONVEXT_X86_ISAS 1
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma")
-namespace avx512 {
-constexpr int kVectorBytes = 64;
-#include "cpu/lstm_kernels.h"
-}  // namespace avx512
-#pragma GCC pop_options
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-namespace avx2 {
-constexpr int kVectorBytes = 32;
-#include "cpu/lstm_kernels.h"
-}  // namespace avx2
-#pragma GCC pop_options
-#endif
-namespace baseline {
-constexpr int kVectorBytes = 16;
-#include "cpu/lstm_kernels.h"
-}  // namespace baseline
-
-#ifdef PYCONVEXT_X86_ISAS
-#define PYCONVEXT_ISA_CALL(name, ...)                                     \
-  switch (simd::cpu_isa()) {                                              \
-    case simd::Isa::Avx512: return avx512::name(__VA_ARGS__);             \
-    case simd::Isa::Avx2: return avx2::name(__VA_ARGS__);                 \
-    default: return baseline::name(__VA_ARGS__);                          \
-  }
-#else
-#define PYCONVEXT_ISA_CALL(name, ...) return baseline::name(__VA_ARGS__);
-#endif
+// The vector loops, compiled for each instruction set.
+#define PYCONVEXT_ISA_KERNELS "cpu/lstm_kernels.h"
+#include "cpu/per_isa.h"
 
 template <typename T>
 void cell_forward(const CellArgs<T>& args, int64_t rows) {

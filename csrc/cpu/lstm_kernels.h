@@ -1,7 +1,5 @@
-// The element-wise loops of the CPU LSTM kernels, included by cpu/lstm.cpp
-// once per instruction set inside a namespace that defines kVectorBytes and
-// under a `#pragma GCC target` for that set (see cpu/max_pool2d_kernels.h for
-// why). No include guard.
+// The element-wise loops of the CPU LSTM kernels, compiled once per
+// instruction set by cpu/lstm.cpp through cpu/per_isa.h. No include guard.
 
 // exp of float32 lanes (Cephes' expf: range reduction to [-ln2/2, ln2/2], a
 // degree-6 polynomial, scaling by 2^n through the exponent bits; within 2

@@ -71,40 +71,9 @@ inline bool is_tiled_by_rows(const Pool2dGeometry& g) {
          (g.out_w - 1) * g.stride_w + (g.kernel_w - 1) * g.dil_w < g.in_w;
 }
 
-// The vectorized loops, compiled for each instruction set (see
-// cpu/max_pool2d_kernels.h), and their dispatch on the CPU's.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define PYCONVEXT_X86_ISAS 1
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma")
-namespace avx512 {
-constexpr int kVectorBytes = 64;
-#include "cpu/max_pool2d_kernels.h"
-}  // namespace avx512
-#pragma GCC pop_options
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-namespace avx2 {
-constexpr int kVectorBytes = 32;
-#include "cpu/max_pool2d_kernels.h"
-}  // namespace avx2
-#pragma GCC pop_options
-#endif
-namespace baseline {
-constexpr int kVectorBytes = 16;
-#include "cpu/max_pool2d_kernels.h"
-}  // namespace baseline
-
-#ifdef PYCONVEXT_X86_ISAS
-#define PYCONVEXT_ISA_CALL(name, ...)                                     \
-  switch (simd::cpu_isa()) {                                              \
-    case simd::Isa::Avx512: return avx512::name(__VA_ARGS__);             \
-    case simd::Isa::Avx2: return avx2::name(__VA_ARGS__);                 \
-    default: return baseline::name(__VA_ARGS__);                          \
-  }
-#else
-#define PYCONVEXT_ISA_CALL(name, ...) return baseline::name(__VA_ARGS__);
-#endif
+// The vector loops, compiled for each instruction set.
+#define PYCONVEXT_ISA_KERNELS "cpu/max_pool2d_kernels.h"
+#include "cpu/per_isa.h"
 
 // ---------------------------------------------------------------------------
 // Forward

@@ -1,8 +1,5 @@
-// The vectorized loops of the CPU max_pool2d, included by cpu/max_pool2d.cpp
-// once per instruction set, each time inside a namespace that defines
-// kVectorBytes and under a `#pragma GCC target` for that set. (Compiled
-// as always_inline helpers of a target function instead, as cpu/simd.h does,
-// GCC splits their vector comparisons into scalar ones.) No include guard.
+// The vector loops of the CPU max_pool2d, compiled once per instruction set
+// by cpu/max_pool2d.cpp through cpu/per_isa.h. No include guard.
 
 // Stores the first n lanes of v (n <= lanes) at p.
 template <typename V, typename T>
