@@ -1,4 +1,4 @@
-"""pyconvext: our own CPU and CUDA kernels for 2-D convolution and max pooling, registered as
+"""pyconvext: our own CPU and CUDA kernels for 2-D convolution, max pooling and LSTMs, registered as
 PyTorch operators (torch.ops.pyconvext.*) with autograd, and drop-in
 replacements for the torch.nn modules that use them."""
 
