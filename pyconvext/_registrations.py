@@ -239,10 +239,14 @@ def _lstm_cell_setup_context(ctx, inputs, output):
     ctx.save_for_backward(input, hx, cx, w_ih, w_hh, output[2])
     ctx.biases = (b_ih is not None, b_hh is not None)
     ctx.mark_non_differentiable(output[2])
+    # No zeros for the workspace's gradient on every call (nor for an unused state).
+    ctx.set_materialize_grads(False)
 
 
 def _lstm_cell_grad(ctx, grad_hy, grad_cy, grad_workspace):
     input, hx, cx, w_ih, w_hh, workspace = ctx.saved_tensors
+    grad_hy = torch.zeros_like(hx) if grad_hy is None else grad_hy
+    grad_cy = torch.zeros_like(cx) if grad_cy is None else grad_cy
     grads = torch.ops.pyconvext.lstm_cell_backward(
         grad_hy, grad_cy, input, hx, cx, w_ih, w_hh, workspace, any(ctx.biases)
     )
@@ -281,10 +285,14 @@ def _lstm_layer_setup_context(ctx, inputs, output):
     ctx.biases = (b_ih is not None, b_hh is not None)
     ctx.reverse = reverse
     ctx.mark_non_differentiable(output[3])
+    ctx.set_materialize_grads(False)
 
 
 def _lstm_layer_grad(ctx, grad_output, grad_hy, grad_cy, grad_workspace):
     input, hx, cx, w_ih, w_hh, w_hr, batch_sizes, output, workspace = ctx.saved_tensors
+    grad_output = torch.zeros_like(output) if grad_output is None else grad_output
+    grad_hy = torch.zeros_like(hx) if grad_hy is None else grad_hy
+    grad_cy = torch.zeros_like(cx) if grad_cy is None else grad_cy
     grads = torch.ops.pyconvext.lstm_layer_backward(
         grad_output, grad_hy, grad_cy, input, hx, cx, w_ih, w_hh, w_hr, batch_sizes, ctx.reverse,
         output, workspace, any(ctx.biases),

@@ -355,3 +355,20 @@ def test_lstm_module_state_dict(gen):
     assert isinstance(ours, torch.nn.LSTM) and repr(ours) == repr(native)
     assert ours.state_dict().keys() == native.state_dict().keys()
     native.load_state_dict(ours.state_dict(), strict=True)
+
+
+def test_gradients_through_some_outputs_only(gen):
+    """Outputs that take no part in the loss have no gradient (no zeros are made
+    for them): h alone, c alone, the LSTM's output alone, its final state alone."""
+    native, ours = cells(gen, 5, 6, True, torch.float32)
+    x, hx = randn(gen, 3, 5), (randn(gen, 3, 6), randn(gen, 3, 6))
+    for pick in (0, 1):
+        grads = [torch.autograd.grad(m(x, hx)[pick].sum(), list(m.parameters())) for m in (native, ours)]
+        for g, w in zip(grads[1], grads[0]):
+            assert_close(g, w)
+    native, ours = lstms(gen, 5, 6, num_layers=2)
+    x = randn(gen, 4, 3, 5)
+    for pick in (lambda out: out[0], lambda out: out[1][0], lambda out: out[1][1]):
+        grads = [torch.autograd.grad(pick(m(x)).sum(), list(m.parameters())) for m in (native, ours)]
+        for g, w in zip(grads[1], grads[0]):
+            assert_close(g, w)
