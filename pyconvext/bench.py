@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils import benchmark
 
-from . import functional
+from . import functional, nn
 
 
 @dataclasses.dataclass(frozen=True)
@@ -310,8 +310,6 @@ def lstm_cases(layer, device="cpu", dtype=torch.float32):
     torch.nn.LSTMCell / LSTM against pyconvext's with the same parameters;
     forward+backward takes the gradients of the input, the states and every
     parameter."""
-    from . import nn
-
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
 

@@ -42,12 +42,9 @@ Conv2dGeometry check(
   check_pair(op, "stride", stride);
   check_pair(op, "padding", padding);
   check_pair(op, "dilation", dilation);
-  TORCH_CHECK(stride[0] > 0 && stride[1] > 0, op,
-              ": stride must be positive, but got stride=", stride);
-  TORCH_CHECK(padding[0] >= 0 && padding[1] >= 0, op,
-              ": padding must be non-negative, but got padding=", padding);
-  TORCH_CHECK(dilation[0] > 0 && dilation[1] > 0, op,
-              ": dilation must be positive, but got dilation=", dilation);
+  check_positive(op, "stride", stride);
+  check_positive(op, "padding", padding, /*zero_allowed=*/true);
+  check_positive(op, "dilation", dilation);
   TORCH_CHECK(groups > 0, op, ": groups must be positive, but got groups=", groups);
 
   Conv2dGeometry g{};

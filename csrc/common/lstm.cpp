@@ -31,6 +31,31 @@ void check_dtypes_and_devices(const char* op, const at::Tensor& input, const at:
   if (w_hr.has_value()) check_like(op, "w_hr", *w_hr, input);
 }
 
+// The sizes of w_ih, hx (batch by hx_size, named hx_size_name), cx and the
+// biases, given those of the input and of the hidden state.
+void check_sizes(const char* op, int64_t batch, int64_t input_size, int64_t hidden_size,
+                 int64_t hx_size, const char* hx_size_name, const at::Tensor& w_ih,
+                 const at::Tensor& hx, const at::Tensor& cx,
+                 const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh) {
+  const int64_t H = hidden_size;
+  TORCH_CHECK(w_ih.dim() == 2 && w_ih.size(0) == 4 * H && w_ih.size(1) == input_size, op,
+              ": expected w_ih of size (4 * hidden_size, input_size) = [", 4 * H, ", ",
+              input_size, "], but got w_ih of size ", w_ih.sizes());
+  TORCH_CHECK(hx.dim() == 2 && hx.size(0) == batch && hx.size(1) == hx_size, op,
+              ": expected hx of size (batch, ", hx_size_name, ") = [", batch, ", ", hx_size,
+              "], but got hx of size ", hx.sizes());
+  TORCH_CHECK(cx.dim() == 2 && cx.size(0) == batch && cx.size(1) == H, op,
+              ": expected cx of size (batch, hidden_size) = [", batch, ", ", H,
+              "], but got cx of size ", cx.sizes());
+  for (const auto* bias : {&b_ih, &b_hh}) {
+    if (bias->has_value()) {
+      TORCH_CHECK((*bias)->dim() == 1 && (*bias)->size(0) == 4 * H, op,
+                  ": expected biases of size (4 * hidden_size) = [", 4 * H,
+                  "], but got a bias of size ", (*bias)->sizes());
+    }
+  }
+}
+
 }  // namespace
 
 LstmCellGeometry check_lstm_cell(const at::Tensor& input, const at::Tensor& hx,
@@ -47,23 +72,8 @@ LstmCellGeometry check_lstm_cell(const at::Tensor& input, const at::Tensor& hx,
               op, ": expected w_hh of size (4 * hidden_size, hidden_size), but got w_hh of size ",
               w_hh.sizes());
   LstmCellGeometry g{input.size(0), input.size(1), w_hh.size(1)};
-  const int64_t H = g.hidden_size;
-  TORCH_CHECK(w_ih.size(0) == 4 * H && w_ih.size(1) == g.input_size, op,
-              ": expected w_ih of size (4 * hidden_size, input_size) = [", 4 * H, ", ",
-              g.input_size, "], but got w_ih of size ", w_ih.sizes());
-  TORCH_CHECK(hx.dim() == 2 && hx.size(0) == g.batch && hx.size(1) == H, op,
-              ": expected hx of size (batch, hidden_size) = [", g.batch, ", ", H,
-              "], but got hx of size ", hx.sizes());
-  TORCH_CHECK(cx.dim() == 2 && cx.size(0) == g.batch && cx.size(1) == H, op,
-              ": expected cx of size (batch, hidden_size) = [", g.batch, ", ", H,
-              "], but got cx of size ", cx.sizes());
-  for (const auto* bias : {&b_ih, &b_hh}) {
-    if (bias->has_value()) {
-      TORCH_CHECK((*bias)->dim() == 1 && (*bias)->size(0) == 4 * H, op,
-                  ": expected biases of size (4 * hidden_size) = [", 4 * H,
-                  "], but got a bias of size ", (*bias)->sizes());
-    }
-  }
+  check_sizes(op, g.batch, g.input_size, g.hidden_size, g.hidden_size, "hidden_size", w_ih, hx,
+              cx, b_ih, b_hh);
   return g;
 }
 
@@ -129,22 +139,8 @@ LstmLayerGeometry check_lstm_layer(
   const int64_t P = g.output_size;
   TORCH_CHECK(w_hh.size(1) == P, op, ": expected w_hh of size [", 4 * H, ", ", P,
               "], but got w_hh of size ", w_hh.sizes());
-  TORCH_CHECK(w_ih.dim() == 2 && w_ih.size(0) == 4 * H && w_ih.size(1) == g.input_size, op,
-              ": expected w_ih of size (4 * hidden_size, input_size) = [", 4 * H, ", ",
-              g.input_size, "], but got w_ih of size ", w_ih.sizes());
-  TORCH_CHECK(hx.dim() == 2 && hx.size(0) == g.batch && hx.size(1) == P, op,
-              ": expected hx of size (batch, ", w_hr.has_value() ? "proj_size" : "hidden_size",
-              ") = [", g.batch, ", ", P, "], but got hx of size ", hx.sizes());
-  TORCH_CHECK(cx.dim() == 2 && cx.size(0) == g.batch && cx.size(1) == H, op,
-              ": expected cx of size (batch, hidden_size) = [", g.batch, ", ", H,
-              "], but got cx of size ", cx.sizes());
-  for (const auto* bias : {&b_ih, &b_hh}) {
-    if (bias->has_value()) {
-      TORCH_CHECK((*bias)->dim() == 1 && (*bias)->size(0) == 4 * H, op,
-                  ": expected biases of size (4 * hidden_size) = [", 4 * H,
-                  "], but got a bias of size ", (*bias)->sizes());
-    }
-  }
+  check_sizes(op, g.batch, g.input_size, H, P, w_hr.has_value() ? "proj_size" : "hidden_size",
+              w_ih, hx, cx, b_ih, b_hh);
   return g;
 }
 

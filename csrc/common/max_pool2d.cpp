@@ -28,14 +28,10 @@ Pool2dGeometry check(const char* op, const at::Tensor& input, c10::IntArrayRef k
   check_pair(op, "stride", stride);
   check_pair(op, "padding", padding);
   check_pair(op, "dilation", dilation);
-  TORCH_CHECK(kernel_size[0] > 0 && kernel_size[1] > 0, op,
-              ": kernel_size must be positive, but got kernel_size=", kernel_size);
-  TORCH_CHECK(stride[0] > 0 && stride[1] > 0, op,
-              ": stride must be positive, but got stride=", stride);
-  TORCH_CHECK(padding[0] >= 0 && padding[1] >= 0, op,
-              ": padding must be non-negative, but got padding=", padding);
-  TORCH_CHECK(dilation[0] > 0 && dilation[1] > 0, op,
-              ": dilation must be positive, but got dilation=", dilation);
+  check_positive(op, "kernel_size", kernel_size);
+  check_positive(op, "stride", stride);
+  check_positive(op, "padding", padding, /*zero_allowed=*/true);
+  check_positive(op, "dilation", dilation);
   // (Native also checks padding against half the dilated kernel, which is
   // never smaller.)
   TORCH_CHECK(padding[0] <= kernel_size[0] / 2 && padding[1] <= kernel_size[1] / 2, op,
