@@ -12,6 +12,7 @@ import csv
 import ctypes
 import dataclasses
 import functools
+import logging
 import math
 import platform
 import statistics
@@ -20,8 +21,21 @@ import time
 
 import torch
 import torch.nn.functional as F
-from torch.utils import benchmark
 
+def _import_benchmark():
+    # torch.utils.benchmark imports cpp_extension, which logs a warning about
+    # CUDA_HOME on machines without a CUDA runtime: noise for timing kernels.
+    log = logging.getLogger("torch.utils.cpp_extension")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        from torch.utils import benchmark
+    finally:
+        log.setLevel(level)
+    return benchmark
+
+
+benchmark = _import_benchmark()
 from . import functional, nn
 
 
@@ -174,7 +188,27 @@ LSTM_CATALOG = (
     LstmSequence("lstm.seq2seq", 30, 32, 256, 256, num_layers=2, bidirectional=True),
 )
 
-CATALOGS = {"conv2d": CONV2D_CATALOG, "max_pool2d": MAX_POOL2D_CATALOG, "lstm": LSTM_CATALOG}
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """A whole network on a batch of images: pyconvext's modules against native ones."""
+
+    name: str
+    batch: int
+    channels: int
+    height: int
+    width: int
+
+    def shape(self):
+        return f"{self.batch}x{self.channels}x{self.height}x{self.width}"
+
+
+MODEL_CATALOG = (
+    Model("mnist", 64, 1, 28, 28),
+)
+
+CATALOGS = {"conv2d": CONV2D_CATALOG, "max_pool2d": MAX_POOL2D_CATALOG, "lstm": LSTM_CATALOG,
+            "models": MODEL_CATALOG}
 
 
 @dataclasses.dataclass
@@ -356,8 +390,40 @@ def lstm_cases(layer, device="cpu", dtype=torch.float32):
     ]
 
 
-CASES = {"conv2d": conv2d_cases, "max_pool2d": max_pool2d_cases, "lstm": lstm_cases}
-UNITS = {"conv2d": "GFLOP/s", "max_pool2d": "GB/s", "lstm": "GFLOP/s"}
+def model_cases(model, device="cpu", dtype=torch.float32):
+    """(mode, native fn, ours fn, images) for one catalog model, in eval mode
+    (so dropout draws no random numbers): forward under no_grad, and
+    forward+backward of the mean output into every parameter's gradient."""
+    from .models import MNISTNet
+
+    builders = {"mnist": MNISTNet}
+    torch.manual_seed(0)
+    native = builders[model.name](native=True).to(device, dtype).eval()
+    ours = builders[model.name]().to(device, dtype).eval()
+    ours.load_state_dict(native.state_dict())
+    x = torch.randn(model.batch, model.channels, model.height, model.width,
+                    generator=torch.Generator().manual_seed(0)).to(device, dtype)
+
+    def forward(net):
+        def run():
+            with torch.no_grad():
+                return net(x)
+        return run
+
+    def forward_backward(net):
+        params = list(net.parameters())
+        return lambda: torch.autograd.grad(net(x).mean(), params)
+
+    return [
+        ("forward", forward(native), forward(ours), model.batch),
+        ("forward+backward", forward_backward(native), forward_backward(ours), model.batch),
+    ]
+
+
+CASES = {"conv2d": conv2d_cases, "max_pool2d": max_pool2d_cases, "lstm": lstm_cases,
+         "models": model_cases}
+UNITS = {"conv2d": "GFLOP/s", "max_pool2d": "GB/s", "lstm": "GFLOP/s", "models": "images/s"}
+UNIT_SCALE = {"GFLOP/s": 1e9, "GB/s": 1e9, "images/s": 1}
 
 
 def copy_bandwidth(device="cpu", megabytes=128):
@@ -379,18 +445,19 @@ def run(op, device="cpu", dtype=torch.float32, layers=None, min_time=2.0, progre
     keep_freed_memory()
     bandwidth = copy_bandwidth(device) if UNITS[op] == "GB/s" else None
     results = []
-    for layer in CATALOGS[op]:
-        if layers and layer.name not in layers:
-            continue
+    chosen = [layer for layer in CATALOGS[op] if not layers or layer.name in layers]
+    for number, layer in enumerate(chosen, 1):
         layer = dataclasses.replace(layer, batch=batch or layer.batch * batch_scale)
+        if progress:
+            progress.start(f"{op} {layer.name} ({number}/{len(chosen)})")
         for mode, native, ours, work in CASES[op](layer, device, dtype):
             native_s, ours_s = race(native, ours, min_time=min_time)
             floor_ms = work / bandwidth * 1e3 if bandwidth else None
             result = Result(op, layer.name, layer.shape(), mode, native_s * 1e3, ours_s * 1e3,
-                            work / ours_s / 1e9, floor_ms)
+                            work / ours_s / UNIT_SCALE[UNITS[op]], floor_ms)
             results.append(result)
             if progress:
-                progress(result)
+                progress.done(result)
     return results
 
 
@@ -465,5 +532,65 @@ def print_line(cells, file=sys.stdout):
     print("  ".join(f"{cell:>{width}}" for cell, width in zip(cells, WIDTHS)), file=file, flush=True)
 
 
-def print_row(result, file=sys.stdout):
-    print_line(row(result), file)
+class ConsoleProgress:
+    """Prints each result as a table row as soon as it is measured, and, on a
+    terminal, which layer is being raced meanwhile."""
+
+    def __init__(self, file=sys.stdout):
+        self.file = file
+        self.live = file.isatty()
+
+    def start(self, what):
+        if self.live:
+            print(f"\r\033[Kracing {what} ...", end="", file=self.file, flush=True)
+
+    def done(self, result):
+        if self.live:
+            print("\r\033[K", end="", file=self.file)
+        print_line(row(result), self.file)
+
+
+def plot(results, path, title=""):
+    """A bar chart of the speedups, a panel per operator, a bar per layer and
+    mode, with 1x (as fast as native) marked. Needs matplotlib."""
+    plt = pyplot()
+    ops = list(dict.fromkeys(r.op for r in results))
+    heights = [len({r.layer for r in results if r.op == op}) for op in ops]
+    fig, axes = plt.subplots(len(ops), 1, squeeze=False, figsize=(9, 1.2 + 0.55 * sum(heights) + 0.9 * len(ops)),
+                             gridspec_kw={"height_ratios": heights})
+    for ax, op in zip(axes[:, 0], ops):
+        ours = [r for r in results if r.op == op]
+        layers = list(dict.fromkeys(r.layer for r in ours))
+        modes = list(dict.fromkeys(r.mode for r in ours))
+        bar = 0.8 / len(modes)
+        for m, mode in enumerate(modes):
+            bars = [(layers.index(r.layer) + (m - (len(modes) - 1) / 2) * bar, r.speedup)
+                    for r in ours if r.mode == mode]
+            ys, speedups = zip(*bars)
+            drawn = ax.barh(ys, speedups, height=bar, label=mode)
+            ax.bar_label(drawn, labels=[f"{s:.2f}x" for s in speedups], padding=2, fontsize=7)
+        ax.axvline(1.0, color="black", linewidth=1, linestyle="--")
+        ax.set_xscale("log")
+        ax.set_yticks(range(len(layers)), layers)
+        ax.invert_yaxis()
+        ax.set_title(f"{op}: speedup over native PyTorch (native time / ours; right of the line is faster)",
+                     fontsize=9)
+        ax.margins(x=0.15)
+        ax.legend(fontsize=7, loc="lower right")
+    if title:
+        fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def pyplot():
+    """matplotlib.pyplot without a display, or an ImportError that says how to get it."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError("plotting needs matplotlib, an optional dependency of pyconvext: "
+                          "pip install matplotlib (or pip install 'pyconvext[plot]')") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt

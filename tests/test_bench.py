@@ -138,3 +138,64 @@ def test_lstm_catalog_and_command(tmp_path):
     rows = list(csv.DictReader(out_csv.open()))
     assert [(r["layer"], r["mode"], r["unit"]) for r in rows] == [
         ("cell.b1", "forward", "GFLOP/s"), ("cell.b1", "forward+backward", "GFLOP/s")]
+
+
+def test_models_and_plot(tmp_path):
+    """--models races whole networks (alone, without --op); --plot draws the chart."""
+    out_csv, out_png = tmp_path / "models.csv", tmp_path / "speedups.png"
+    result = subprocess.run(
+        [sys.executable, "-m", "pyconvext", "bench", "--models", "--min-time", "0.05", "--csv", str(out_csv),
+         "--plot", str(out_png)],
+        capture_output=True, text=True, cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    rows = list(csv.DictReader(out_csv.open()))
+    assert [(r["op"], r["layer"], r["shape"], r["mode"], r["unit"]) for r in rows] == [
+        ("models", "mnist", "64x1x28x28", "forward", "images/s"),
+        ("models", "mnist", "64x1x28x28", "forward+backward", "images/s")]
+    for r in rows:  # images/s: the batch over our time
+        assert abs(float(r["rate"]) - 64 / (float(r["ours_ms"]) / 1e3)) < 1e-3 * float(r["rate"])
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"wrote {out_png}" in result.stdout
+
+
+def test_model_cases_compare_the_same_net():
+    from pyconvext.bench import MODEL_CATALOG, model_cases
+
+    for mode, native, ours, images in model_cases(MODEL_CATALOG[0]):
+        assert images == 64
+        torch.testing.assert_close(ours(), native())
+
+
+def test_plot_draws_a_panel_per_operator(tmp_path):
+    from pyconvext.bench import Result, plot, pyplot
+
+    results = [Result("conv2d", "a", "s", "forward", 2.0, 1.0, 1.0),
+               Result("conv2d", "b", "s", "forward", 1.0, 2.0, 1.0),
+               Result("conv2d", "a", "s", "forward+backward", 3.0, 1.0, 1.0),
+               Result("max_pool2d", "p", "s", "forward", 10.0, 1.0, 1.0)]
+    plt = pyplot()
+    saved = []
+    original = plt.Figure.savefig
+    plt.Figure.savefig = lambda fig, *args, **kwargs: saved.append(fig) or original(fig, *args, **kwargs)
+    try:
+        plot(results, tmp_path / "x.png", title="machine")
+    finally:
+        plt.Figure.savefig = original
+    axes = saved[0].axes
+    assert [ax.get_title().split(":")[0] for ax in axes] == ["conv2d", "max_pool2d"]
+    assert [t.get_text() for t in axes[0].get_yticklabels()] == ["a", "b"]
+    bars = sorted(round(patch.get_width(), 6) for patch in axes[0].patches)
+    assert bars == [0.5, 2.0, 3.0]
+    assert [text.get_text() for text in axes[1].texts] == ["10.00x"]
+
+
+def test_plot_without_matplotlib_says_how_to_get_it():
+    code = ("import sys; sys.modules['matplotlib'] = None\n"
+            "from pyconvext.__main__ import main\n"
+            "main(['bench', '--op', 'conv2d', '--layers', 'mnist.conv1', '--plot', 'x.png'])")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 1
+    assert result.stderr.strip() == ("pyconvext bench: plotting needs matplotlib, an optional dependency of "
+                                     "pyconvext: pip install matplotlib (or pip install 'pyconvext[plot]')")
+    assert "layer" not in result.stdout  # refused before racing
