@@ -501,13 +501,18 @@ def geomean(values):
 
 
 def summary(results):
-    """Geometric mean and minimum speedup per mode."""
+    """Geometric mean and minimum speedup per mode (per operator and mode when
+    the results span several operators)."""
+    if len({r.op for r in results}) > 1:
+        label = lambda r: f"{r.op} {r.mode}"  # noqa: E731
+    else:
+        label = lambda r: r.mode  # noqa: E731
     lines = []
-    for mode in dict.fromkeys(r.mode for r in results):
-        speedups = [r.speedup for r in results if r.mode == mode]
-        worst = min((r for r in results if r.mode == mode), key=lambda r: r.speedup)
-        lines.append(f"{mode}: geometric mean speedup {geomean(speedups):.2f}x over "
-                     f"{len(speedups)} layers, lowest {worst.speedup:.2f}x ({worst.layer})")
+    for name in dict.fromkeys(map(label, results)):
+        group = [r for r in results if label(r) == name]
+        worst = min(group, key=lambda r: r.speedup)
+        lines.append(f"{name}: geometric mean speedup {geomean(r.speedup for r in group):.2f}x over "
+                     f"{len(group)} layers, lowest {worst.speedup:.2f}x ({worst.layer})")
     return lines
 
 
@@ -554,12 +559,16 @@ def plot(results, path, title=""):
     """A bar chart of the speedups, a panel per operator, a bar per layer and
     mode, with 1x (as fast as native) marked. Needs matplotlib."""
     plt = pyplot()
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
+
     ops = list(dict.fromkeys(r.op for r in results))
-    heights = [len({r.layer for r in results if r.op == op}) for op in ops]
-    fig, axes = plt.subplots(len(ops), 1, squeeze=False, figsize=(9, 1.2 + 0.55 * sum(heights) + 0.9 * len(ops)),
+    panels = [[r for r in results if r.op == op] for op in ops]
+    # A panel's height follows its bars: layers x modes.
+    heights = [len({r.layer for r in rs}) * (0.25 + 0.13 * len({r.mode for r in rs})) for rs in panels]
+    fig, axes = plt.subplots(len(ops), 1, squeeze=False, figsize=(10, 0.6 + sum(heights) + 0.7 * len(ops)),
                              gridspec_kw={"height_ratios": heights})
-    for ax, op in zip(axes[:, 0], ops):
-        ours = [r for r in results if r.op == op]
+    ticks = [0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 20, 50, 100]
+    for ax, op, ours in zip(axes[:, 0], ops, panels):
         layers = list(dict.fromkeys(r.layer for r in ours))
         modes = list(dict.fromkeys(r.mode for r in ours))
         bar = 0.8 / len(modes)
@@ -571,15 +580,19 @@ def plot(results, path, title=""):
             ax.bar_label(drawn, labels=[f"{s:.2f}x" for s in speedups], padding=2, fontsize=7)
         ax.axvline(1.0, color="black", linewidth=1, linestyle="--")
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(FixedLocator(ticks))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}x"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.tick_params(axis="x", labelsize=7)
         ax.set_yticks(range(len(layers)), layers)
         ax.invert_yaxis()
-        ax.set_title(f"{op}: speedup over native PyTorch (native time / ours; right of the line is faster)",
+        ax.set_title(f"{op}: speedup over native PyTorch (native time / ours; right of the dashed line is faster)",
                      fontsize=9)
-        ax.margins(x=0.15)
-        ax.legend(fontsize=7, loc="lower right")
+        ax.margins(x=0.12)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     if title:
         fig.suptitle(title, fontsize=8)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.99 if title else 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

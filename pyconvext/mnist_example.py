@@ -150,7 +150,8 @@ def _synchronize(device):
 
 def summary_table(history):
     """Markdown: per epoch, each backend's accuracy and training time, and the
-    speedup of pyconvext's training epoch over native's when both ran."""
+    speedup of pyconvext's training epoch over native's when both ran; then
+    the total training time."""
     backends = list(dict.fromkeys(e.backend for e in history))
     by = {(e.backend, e.epoch): e for e in history}
     epochs = sorted({e.epoch for e in history})
@@ -169,6 +170,13 @@ def summary_table(history):
         if both:
             cells.append(f"{by['native', epoch].train_s / by['pyconvext', epoch].train_s:.2f}x")
         lines.append("| " + " | ".join(cells) + " |")
+    total = {b: sum(e.train_s for e in history if e.backend == b) for b in backends}
+    cells = ["all"]
+    for backend in backends:
+        cells += ["", f"{total[backend]:.2f}"]
+    if both:
+        cells.append(f"{total['native'] / total['pyconvext']:.2f}x")
+    lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

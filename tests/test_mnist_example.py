@@ -83,7 +83,8 @@ def test_backends_learn_alike_and_side_by_side_equals_alone(small_sets):
     table = mnist_example.summary_table(history)
     assert table.splitlines()[0] == ("| epoch | pyconvext accuracy | pyconvext train s | native accuracy | "
                                      "native train s | speedup |")
-    assert len(table.splitlines()) == 4
+    assert len(table.splitlines()) == 5
+    assert table.splitlines()[-1].startswith("| all |  | ")
 
 
 @needs_data
