@@ -43,6 +43,7 @@ _BUILD_INFO = _load_library()
 
 from . import _registrations  # noqa: E402
 from . import functional, nn  # noqa: E402
+from .convert import convert, revert  # noqa: E402
 
 
 def build_info() -> dict:
@@ -61,4 +62,4 @@ def build_info() -> dict:
     }
 
 
-__all__ = ["build_info", "functional", "nn"]
+__all__ = ["build_info", "convert", "functional", "nn", "revert"]
