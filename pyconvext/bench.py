@@ -191,21 +191,50 @@ LSTM_CATALOG = (
 
 @dataclasses.dataclass(frozen=True)
 class Model:
-    """A whole network on a batch of images: pyconvext's modules against native ones."""
+    """A whole network on a batch of images: the native model against
+    pyconvext.convert() of a copy of it."""
 
     name: str
     batch: int
     channels: int
     height: int
     width: int
+    torchvision: bool = False  # built by torchvision (an optional dependency)
 
     def shape(self):
         return f"{self.batch}x{self.channels}x{self.height}x{self.width}"
 
+    def build(self):
+        """The native model, random weights."""
+        if self.torchvision:
+            import torchvision
+
+            options = dict(aux_logits=False, init_weights=True) if self.name == "googlenet" else {}
+            return getattr(torchvision.models, self.name)(**options)
+        from . import models
+
+        return {"mnist": models.MNISTNet, "lenet5": models.LeNet5, "zfnet": models.ZFNet}[self.name](native=True)
+
 
 MODEL_CATALOG = (
     Model("mnist", 64, 1, 28, 28),
+    Model("lenet5", 64, 1, 28, 28),
+    Model("alexnet", 8, 3, 224, 224, torchvision=True),
+    Model("zfnet", 8, 3, 224, 224),
+    Model("vgg11", 2, 3, 224, 224, torchvision=True),
+    Model("googlenet", 8, 3, 224, 224, torchvision=True),
+    Model("resnet18", 8, 3, 112, 112, torchvision=True),
+    Model("resnet50", 8, 3, 112, 112, torchvision=True),
 )
+
+
+def has_torchvision():
+    try:
+        import torchvision  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
 
 CATALOGS = {"conv2d": CONV2D_CATALOG, "max_pool2d": MAX_POOL2D_CATALOG, "lstm": LSTM_CATALOG,
             "models": MODEL_CATALOG}
@@ -391,28 +420,31 @@ def lstm_cases(layer, device="cpu", dtype=torch.float32):
 
 
 def model_cases(model, device="cpu", dtype=torch.float32):
-    """(mode, native fn, ours fn, images) for one catalog model, in eval mode
-    (so dropout draws no random numbers): forward under no_grad, and
-    forward+backward of the mean output into every parameter's gradient."""
-    from .models import MNISTNet
+    """(mode, native fn, ours fn, images) for one catalog model: forward in
+    eval mode under no_grad (inference), and forward+backward in training mode
+    into every parameter's gradient (a training step without the optimizer)."""
+    from .convert import convert
 
-    builders = {"mnist": MNISTNet}
     torch.manual_seed(0)
-    native = builders[model.name](native=True).to(device, dtype).eval()
-    ours = builders[model.name]().to(device, dtype).eval()
-    ours.load_state_dict(native.state_dict())
+    native = model.build().to(device, dtype)
+    ours = convert(native, inplace=False)
     x = torch.randn(model.batch, model.channels, model.height, model.width,
                     generator=torch.Generator().manual_seed(0)).to(device, dtype)
 
     def forward(net):
         def run():
+            net.eval()
             with torch.no_grad():
                 return net(x)
         return run
 
     def forward_backward(net):
         params = list(net.parameters())
-        return lambda: torch.autograd.grad(net(x).mean(), params)
+
+        def run():
+            net.train()
+            return torch.autograd.grad(net(x).mean(), params)
+        return run
 
     return [
         ("forward", forward(native), forward(ours), model.batch),
@@ -446,6 +478,11 @@ def run(op, device="cpu", dtype=torch.float32, layers=None, min_time=2.0, progre
     bandwidth = copy_bandwidth(device) if UNITS[op] == "GB/s" else None
     results = []
     chosen = [layer for layer in CATALOGS[op] if not layers or layer.name in layers]
+    if op == "models" and not has_torchvision():
+        left_out = [m.name for m in chosen if m.torchvision]
+        chosen = [m for m in chosen if not m.torchvision]
+        if left_out and progress:
+            progress.note(f"torchvision is not installed: left out {', '.join(left_out)}")
     for number, layer in enumerate(chosen, 1):
         layer = dataclasses.replace(layer, batch=batch or layer.batch * batch_scale)
         if progress:
@@ -548,6 +585,9 @@ class ConsoleProgress:
     def start(self, what):
         if self.live:
             print(f"\r\033[Kracing {what} ...", end="", file=self.file, flush=True)
+
+    def note(self, text):
+        print(f"# {text}", file=self.file, flush=True)
 
     def done(self, result):
         if self.live:

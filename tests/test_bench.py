@@ -1,9 +1,11 @@
 """The benchmark harness: the catalog the issue names, and the command line."""
 
 import csv
+import dataclasses
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from pyconvext.bench import CONV2D_CATALOG, MAX_POOL2D_CATALOG, PoolLayer, geomean
@@ -144,27 +146,60 @@ def test_models_and_plot(tmp_path):
     """--models races whole networks (alone, without --op); --plot draws the chart."""
     out_csv, out_png = tmp_path / "models.csv", tmp_path / "speedups.png"
     result = subprocess.run(
-        [sys.executable, "-m", "pyconvext", "bench", "--models", "--min-time", "0.05", "--csv", str(out_csv),
-         "--plot", str(out_png)],
+        [sys.executable, "-m", "pyconvext", "bench", "--models", "--layers", "mnist", "lenet5", "--min-time", "0.05",
+         "--csv", str(out_csv), "--plot", str(out_png)],
         capture_output=True, text=True, cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr
     rows = list(csv.DictReader(out_csv.open()))
     assert [(r["op"], r["layer"], r["shape"], r["mode"], r["unit"]) for r in rows] == [
-        ("models", "mnist", "64x1x28x28", "forward", "images/s"),
-        ("models", "mnist", "64x1x28x28", "forward+backward", "images/s")]
+        ("models", name, "64x1x28x28", mode, "images/s")
+        for name in ("mnist", "lenet5") for mode in ("forward", "forward+backward")]
     for r in rows:  # images/s: the batch over our time
         assert abs(float(r["rate"]) - 64 / (float(r["ours_ms"]) / 1e3)) < 1e-3 * float(r["rate"])
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"wrote {out_png}" in result.stdout
 
 
-def test_model_cases_compare_the_same_net():
+def test_model_catalog():
+    from pyconvext.bench import MODEL_CATALOG, Model
+
+    assert MODEL_CATALOG == (
+        Model("mnist", 64, 1, 28, 28), Model("lenet5", 64, 1, 28, 28),
+        Model("alexnet", 8, 3, 224, 224, torchvision=True), Model("zfnet", 8, 3, 224, 224),
+        Model("vgg11", 2, 3, 224, 224, torchvision=True), Model("googlenet", 8, 3, 224, 224, torchvision=True),
+        Model("resnet18", 8, 3, 112, 112, torchvision=True), Model("resnet50", 8, 3, 112, 112, torchvision=True),
+    )
+
+
+@pytest.mark.parametrize("name", ["mnist", "lenet5", "resnet18"])
+def test_model_cases_race_the_converted_copy(name):
     from pyconvext.bench import MODEL_CATALOG, model_cases
 
-    for mode, native, ours, images in model_cases(MODEL_CATALOG[0]):
-        assert images == 64
-        torch.testing.assert_close(ours(), native())
+    model = dataclasses.replace(next(m for m in MODEL_CATALOG if m.name == name), batch=2)
+    for mode, native, ours, images in model_cases(model, dtype=torch.float64):  # float64: compare tightly
+        assert images == 2
+        ops = []
+        for fn in (native, ours):
+            torch.manual_seed(0)  # the same dropout masks in training mode
+            with torch.profiler.profile() as profile:
+                result = fn()
+            ops.append({event.name for event in profile.events()})
+            if fn is native:
+                expected = result
+        torch.testing.assert_close(result, expected)
+        assert not any(name.startswith("pyconvext::") for name in ops[0])
+        assert "pyconvext::conv2d" in ops[1]
+
+
+def test_models_without_torchvision_are_left_out():
+    code = ("import sys; sys.modules['torchvision'] = None\n"
+            "from pyconvext.__main__ import main\n"
+            "main(['bench', '--models', '--layers', 'lenet5', 'resnet18', '--min-time', '0.01'])")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert "# torchvision is not installed: left out resnet18" in result.stdout
+    assert "lenet5" in result.stdout
 
 
 def test_plot_draws_a_panel_per_operator(tmp_path):
