@@ -534,3 +534,33 @@ def test_catalog_layer(gen, layer):
     grad_out = random_grad_out(gen, x, w, b, kwargs)
     for got, want in zip(run(P.conv2d, x, w, b, grad_out, kwargs), run(F.conv2d, x, w, b, grad_out, kwargs)):
         assert_close(got, want)
+
+
+# Small output planes with many channels run as GEMMs over im2col columns
+# (forward up to 4x4 outputs, backward up to 7x7), in chunks of images.
+COLUMNS_CASES = [
+    # (N, C, H, W), (K, C/groups, kh, kw), options
+    ((3, 64, 4, 4), (16, 64, 3, 3), dict(padding=1)),
+    ((2, 32, 7, 7), (24, 32, 3, 3), dict(stride=2, padding=1)),
+    ((2, 16, 9, 8), (8, 16, 3, 2), dict(padding=(2, 0), dilation=(2, 3), stride=(1, 2))),
+    ((2, 64, 6, 6), (32, 16, 3, 3), dict(padding=1, groups=4)),
+    ((20, 2048, 4, 4), (8, 2048, 3, 3), dict(padding=1)),  # columns in chunks of 14 and 6 images
+    ((1, 128, 7, 7), (4, 128, 1, 1), dict(stride=2)),  # strided 1x1: not pointwise
+]
+
+
+@pytest.mark.parametrize("x_shape, w_shape, kwargs", COLUMNS_CASES)
+def test_columns_path(gen, x_shape, w_shape, kwargs):
+    x, w, b = make_inputs(gen, x_shape, w_shape, torch.float64)
+    grad_out = random_grad_out(gen, x, w, b, kwargs)
+    for got, want in zip(run(P.conv2d, x, w, b, grad_out, kwargs), run(F.conv2d, x, w, b, grad_out, kwargs)):
+        assert_close(got, want)
+
+
+def test_columns_path_float32(gen):
+    """72-term sums (8 channels x 3x3), short enough for float32's tolerance."""
+    x, w, b = make_inputs(gen, (3, 8, 4, 4), (16, 8, 3, 3), torch.float32)
+    kwargs = dict(padding=1)
+    grad_out = random_grad_out(gen, x, w, b, kwargs)
+    for got, want in zip(run(P.conv2d, x, w, b, grad_out, kwargs), reference(x, w, b, grad_out, kwargs)):
+        assert_close(got, want)
