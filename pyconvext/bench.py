@@ -560,14 +560,15 @@ def markdown_table(results):
 
 
 def write_csv(results, path):
+    """Numbers to 6 significant digits: a few-microsecond layer keeps its precision."""
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["op", "layer", "shape", "mode", "native_ms", "ours_ms", "speedup",
                          "rate", "unit", "floor_ms"])
         for r in results:
-            writer.writerow([r.op, r.layer, r.shape, r.mode, f"{r.native_ms:.4f}",
-                             f"{r.ours_ms:.4f}", f"{r.speedup:.4f}", f"{r.rate:.2f}",
-                             UNITS[r.op], f"{r.floor_ms:.4f}" if r.floor_ms else ""])
+            writer.writerow([r.op, r.layer, r.shape, r.mode, f"{r.native_ms:.6g}",
+                             f"{r.ours_ms:.6g}", f"{r.speedup:.6g}", f"{r.rate:.6g}",
+                             UNITS[r.op], f"{r.floor_ms:.6g}" if r.floor_ms else ""])
 
 
 def print_line(cells, file=sys.stdout):
