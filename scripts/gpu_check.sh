@@ -7,7 +7,7 @@
 # Builds pyconvext in place for the visible GPU, runs the CUDA tests, runs
 # compute-sanitizer (memcheck and racecheck) over a small subset, and races the
 # CUDA kernels against native PyTorch (the operators in $BENCH_OPS, default
-# "conv2d max_pool2d"). Writes into OUT_DIR: build.log, tests.log,
+# "conv2d max_pool2d models"). Writes into OUT_DIR: build.log, tests.log,
 # sanitizer.log, bench.log, bench.md (the result tables) and summary.txt.
 # Exits non-zero when any step failed.
 set -uo pipefail
@@ -58,7 +58,7 @@ bench() {  # bench NAME ARGS...: one table into bench.md
   step "bench-$name" "$out/bench.log" $python -m pyconvext bench --device cuda --min-time 0.3 \
     --markdown "$out/bench-part.md" "$@" && { cat "$out/bench-part.md"; echo; } >>"$out/bench.md"
 }
-for op in ${BENCH_OPS:-conv2d max_pool2d}; do
+for op in ${BENCH_OPS:-conv2d max_pool2d models}; do
   case $op in
     conv2d)
       for dtype in float32 bfloat16; do
@@ -67,6 +67,8 @@ for op in ${BENCH_OPS:-conv2d max_pool2d}; do
     max_pool2d)
       for batch in 8 64; do bench "max_pool2d-float32-n$batch" --op max_pool2d --batch $batch; done
       bench max_pool2d-bfloat16-n64 --op max_pool2d --dtype bfloat16 --batch 64 ;;
+    models)
+      bench models-float32 --models ;;
   esac
 done
 rm -f "$out/bench-part.md"
