@@ -306,6 +306,29 @@ torch.library.register_autograd(
 )
 
 
+# --- LSTM: no double backward; float32 under autocast ------------------------------
+
+def _no_double_backward(op):
+    def setup_context(ctx, inputs, output):
+        pass
+
+    def backward(ctx, *grads):
+        raise NotImplementedError(
+            f"pyconvext.{op}: double backward (a gradient of the LSTM's gradients, e.g. "
+            "create_graph=True) is not supported"
+        )
+
+    torch.library.register_autograd(f"pyconvext::{op}_backward", backward, setup_context=setup_context)
+
+
+for _op in ("lstm_cell", "lstm_layer"):
+    _no_double_backward(_op)
+    # The kernels take float32 and float64: under autocast (bfloat16 / float16
+    # elsewhere) they run in float32, as native's fused LSTM cells do on the CPU.
+    for _device in ("cpu", "cuda"):
+        torch.library.register_autocast(f"pyconvext::{_op}", _device, torch.float32)
+
+
 # --- operators without a compiled CUDA kernel -------------------------------------
 
 def _no_cuda_kernel(op):

@@ -372,3 +372,31 @@ def test_gradients_through_some_outputs_only(gen):
         grads = [torch.autograd.grad(pick(m(x)).sum(), list(m.parameters())) for m in (native, ours)]
         for g, w in zip(grads[1], grads[0]):
             assert_close(g, w)
+
+
+def test_double_backward_is_refused(gen):
+    """No second-order gradients: a clear error, never silent zeros."""
+    cell, layer = pyconvext.nn.LSTMCell(3, 2), pyconvext.nn.LSTM(3, 2)
+    for module, x in ((cell, torch.randn(2, 3, generator=gen)), (layer, torch.randn(4, 2, 3, generator=gen))):
+        x.requires_grad_()
+        out = module(x)[0]
+        grad, = torch.autograd.grad(out.tanh().sum(), x, create_graph=True)
+        op = "lstm_cell" if module is cell else "lstm_layer"
+        with pytest.raises(NotImplementedError, match=rf"^pyconvext.{op}: double backward .* is not supported$"):
+            torch.autograd.grad(grad.square().sum(), list(module.parameters()))
+
+
+def test_autocast_runs_in_float32(gen):
+    """Our kernels take float32 and float64: under CPU autocast they run in float32."""
+    torch.manual_seed(0)
+    native_cell, native_layer = torch.nn.LSTMCell(4, 3), torch.nn.LSTM(4, 3)
+    cell, layer = pyconvext.nn.LSTMCell(4, 3), pyconvext.nn.LSTM(4, 3)
+    cell.load_state_dict(native_cell.state_dict())
+    layer.load_state_dict(native_layer.state_dict())
+    x = torch.randn(5, 2, 4, generator=gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h, c = cell(x[0])
+        output, _ = layer(x)
+    assert h.dtype == c.dtype == output.dtype == torch.float32
+    torch.testing.assert_close((h, c), native_cell(x[0]))
+    torch.testing.assert_close(output, native_layer(x)[0])
