@@ -16,6 +16,7 @@ import functools
 import sys
 
 import torch
+from torch.nn.utils import parametrize
 
 from . import _registrations, nn
 
@@ -105,6 +106,12 @@ def _native_class(cls):
 def _why_not(module, native):
     """Why `module` (a native module of class or subclass `native`) cannot run
     on pyconvext's kernels, or None."""
+    # Both replace the module's class themselves (parametrize to add and
+    # remove properties, lazy modules on their first call).
+    if parametrize.is_parametrized(module):
+        return "it has parametrizations (convert before registering them)"
+    if isinstance(module, torch.nn.modules.lazy.LazyModuleMixin):
+        return "it is a lazy module (convert after its first call)"
     overridden = _overridden(type(module), native)
     if overridden:
         return f"{type(module).__name__} overrides {', '.join(overridden)}"
@@ -118,11 +125,15 @@ def _why_not(module, native):
     return None
 
 
-def _matches(name, module, patterns):
+def _matches(names, module, patterns):
     """Whether a module is named by one of the patterns: a class it is an
     instance of (torch.nn.Conv2d names native and pyconvext convolutions
-    alike), or an fnmatch pattern of qualified names ("features.0", "layer1.*")."""
-    return any(isinstance(module, pattern) if isinstance(pattern, type) else fnmatch.fnmatchcase(name, pattern)
+    alike), or an fnmatch pattern of one of its qualified names ("features.0",
+    "layer1.*"; a shared module has several)."""
+    if isinstance(patterns, (str, type)):
+        patterns = (patterns,)
+    return any(isinstance(module, pattern) if isinstance(pattern, type)
+               else any(fnmatch.fnmatchcase(name, pattern) for name in names)
                for pattern in patterns)
 
 
@@ -138,19 +149,22 @@ def _check(model, verb):
         if isinstance(module, dynamo.eval_frame.OptimizedModule):
             where = f" (at {name!r})" if name else ""
             raise TypeError(
-                f"pyconvext.{verb}: the model{where} is wrapped by torch.compile, whose compiled code "
-                f"would keep running the modules it traced; {verb} the model before compiling it: "
-                f"torch.compile(pyconvext.{verb}(model))"
+                f"pyconvext.{verb}: the model{where} is wrapped by torch.compile; {verb} the model "
+                f"before compiling it: torch.compile(pyconvext.{verb}(model))"
             )
 
 
 def _candidates(model, include, exclude):
-    for name, module in model.named_modules():  # each shared module once
-        if include is not None and not _matches(name, module, include):
+    """(first name, module) of each module once, with all its names matched."""
+    names = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(module), (module, []))[1].append(name)
+    for module, module_names in names.values():
+        if include is not None and not _matches(module_names, module, include):
             continue
-        if exclude is not None and _matches(name, module, exclude):
+        if exclude is not None and _matches(module_names, module, exclude):
             continue
-        yield name, module
+        yield module_names[0], module
 
 
 def convert(model, *, include=None, exclude=None, inplace=True, return_report=False):
@@ -159,9 +173,11 @@ def convert(model, *, include=None, exclude=None, inplace=True, return_report=Fa
     and subclasses that do not override forward. Modules whose dtype or
     device pyconvext cannot run are left native.
 
-    include / exclude: classes (e.g. torch.nn.LSTM) or fnmatch patterns of
-    qualified module names (e.g. "features.*"); only modules included and not
-    excluded are considered. inplace=False converts a deep copy. Returns the
+    include / exclude: a class (e.g. torch.nn.LSTM) or an fnmatch pattern of
+    qualified module names (e.g. "features.*"), or a list of them; only modules
+    included and not excluded are considered (a shared module by any of its
+    names). Parametrized and lazy modules are left (they swap classes
+    themselves). inplace=False converts a deep copy. Returns the
     model, or (model, Report) with return_report=True: each candidate module,
     what was done to it, and why it was left.
 

@@ -200,6 +200,41 @@ def test_include_and_exclude():
     assert kinds(pyconvext.revert(pyconvext.convert(fresh()), include=[torch.nn.MaxPool2d])) == ["pyconvext", "torch", "pyconvext", "pyconvext"]
 
 
+def test_include_and_exclude_take_one_pattern_and_every_name_of_a_shared_module():
+    shared = torch.nn.Conv2d(1, 1, 1)
+    model = torch.nn.ModuleDict({"encoder": torch.nn.Sequential(shared), "frozen": torch.nn.Sequential(shared),
+                                 "head": torch.nn.Conv2d(1, 1, 1)})
+    assert type(pyconvext.convert(copy.deepcopy(model), include="head")["encoder"][0]) is torch.nn.Conv2d
+    converted = pyconvext.convert(copy.deepcopy(model), exclude="frozen.*")
+    assert type(converted["encoder"][0]) is torch.nn.Conv2d and type(converted["head"]) is pyconvext.nn.Conv2d
+    converted, report = pyconvext.convert(copy.deepcopy(model), include=torch.nn.Conv2d, return_report=True)
+    assert [e.name for e in report] == ["encoder.0", "head"]
+    converted = pyconvext.convert(copy.deepcopy(model), include=["frozen.0"])
+    assert type(converted["frozen"][0]) is pyconvext.nn.Conv2d and type(converted["head"]) is torch.nn.Conv2d
+
+
+def test_parametrized_and_lazy_modules_are_left(gen):
+    from torch.nn.utils import parametrize
+
+    class Double(torch.nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    conv = torch.nn.Conv2d(1, 1, 1, bias=False)
+    parametrize.register_parametrization(conv, "weight", Double())
+    model = torch.nn.Sequential(conv, torch.nn.LazyConv2d(2, 1))
+    _, report = pyconvext.convert(model, return_report=True)
+    assert [(e.name, e.action, e.reason) for e in report] == [
+        ("0", "left", "it has parametrizations (convert before registering them)"),
+        ("1", "left", "it is a lazy module (convert after its first call)")]
+    model(torch.randn(1, 1, 3, 3, generator=gen))  # the lazy module initializes itself
+    weight = conv.weight.clone()
+    parametrize.remove_parametrizations(conv, "weight")
+    torch.testing.assert_close(conv.weight, weight)
+    _, report = pyconvext.convert(model, return_report=True)
+    assert [e.action for e in report] == ["converted", "converted"]
+
+
 def test_revert_restores_native_types(gen):
     model = MNISTNet()  # built on pyconvext's modules
     x = torch.randn(2, 1, 28, 28, generator=gen)
@@ -248,7 +283,7 @@ def test_data_parallel_is_converted_through(gen):
 
 def test_compiled_models_are_refused():
     model = LeNet5(native=True)
-    with pytest.raises(TypeError, match=r"^pyconvext.convert: the model is wrapped by torch.compile, .*"
+    with pytest.raises(TypeError, match=r"^pyconvext.convert: the model is wrapped by torch.compile; "
                                         r"convert the model before compiling it: torch.compile\(pyconvext.convert\(model\)\)$"):
         pyconvext.convert(torch.compile(model))
     outer = torch.nn.Sequential(torch.compile(model))
