@@ -9,6 +9,7 @@
 
 import argparse
 import json
+import os
 import sys
 
 import torch
@@ -25,6 +26,7 @@ OPS = ("conv2d", "max_pool2d", "lstm")
 def run_bench(args):
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("pyconvext bench: --device cuda, but no CUDA GPU is visible")
+    _check_output_folders(args.csv, args.markdown, args.plot)
     if args.plot:
         try:
             bench.pyplot()  # fail now, not after the races
@@ -64,7 +66,15 @@ def run_bench(args):
         print(f"wrote {args.plot}")
 
 
+def _check_output_folders(*paths):
+    """Refuses, before any work, an output file whose folder does not exist."""
+    for path in paths:
+        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            sys.exit(f"pyconvext: cannot write {path}: its folder does not exist")
+
+
 def run_train_mnist(args):
+    _check_output_folders(args.save)
     backends = mnist_example.BACKENDS if args.backend == "both" else (args.backend,)
     models, history = mnist_example.train(
         backends, epochs=args.epochs, lr=args.lr, momentum=args.momentum,

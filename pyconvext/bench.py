@@ -228,6 +228,14 @@ MODEL_CATALOG = (
 )
 
 
+def has_kernel(op, device):
+    """Whether this build has our kernel for a catalog's operator on `device`."""
+    from ._registrations import KERNELS
+
+    name = {"lstm": "lstm_cell", "models": "conv2d"}.get(op, op)
+    return device.upper() in KERNELS[name]
+
+
 def has_torchvision():
     try:
         import torchvision  # noqa: F401
@@ -478,6 +486,10 @@ def run(op, device="cpu", dtype=torch.float32, layers=None, min_time=2.0, progre
     bandwidth = copy_bandwidth(device) if UNITS[op] == "GB/s" else None
     results = []
     chosen = [layer for layer in CATALOGS[op] if not layers or layer.name in layers]
+    if not has_kernel(op, device):
+        if chosen and progress:
+            progress.note(f"{op}: pyconvext has no {device} kernel for it in this build: left out")
+        return []
     if op == "models" and not has_torchvision():
         left_out = [m.name for m in chosen if m.torchvision]
         chosen = [m for m in chosen if not m.torchvision]

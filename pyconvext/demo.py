@@ -41,9 +41,15 @@ def operators(device, min_time, log=print):
     """Races one layer per operator; returns False if any result disagrees with native."""
     log(f"\nOur kernels against native PyTorch ({device}, float32; speedup = native time / ours)")
     bench.keep_freed_memory()
+    if device == "cuda":  # native float32 in full precision, as ours
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
     all_agree = True
     for op, name in LAYERS:
         layer = _layer(op, name)
+        if not bench.has_kernel(op, device):
+            log(f"  {op:<10} {name:<12} no {device} kernel in this build yet")
+            continue
         for mode, native, ours, _ in bench.CASES[op](layer, device):
             if "channels_last" in mode or "indices" in mode:
                 continue

@@ -31,11 +31,12 @@ def pick_device(device="auto"):
     has_cuda_kernels = "cuda" in pyconvext.build_info()["backends"]
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() and has_cuda_kernels else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise DeviceUnavailable("--device cuda, but no CUDA GPU is visible")
-    if device == "cuda" and not has_cuda_kernels:
+    if device.type == "cuda" and not has_cuda_kernels:
         raise DeviceUnavailable("--device cuda, but this build of pyconvext has no CUDA kernels")
-    return torch.device(device)
+    return device
 
 
 def loaders(train_set, test_set, batch_size=64, test_batch_size=1000):

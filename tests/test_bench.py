@@ -234,3 +234,18 @@ def test_plot_without_matplotlib_says_how_to_get_it():
     assert result.stderr.strip() == ("pyconvext bench: plotting needs matplotlib, an optional dependency of "
                                      "pyconvext: pip install matplotlib (or pip install 'pyconvext[plot]')")
     assert "layer" not in result.stdout  # refused before racing
+
+
+def test_catalogs_without_a_kernel_on_the_device_are_left_out():
+    """No LSTM CUDA kernel yet: racing it would raise mid-run and lose the other tables."""
+    from pyconvext.bench import has_kernel, run
+
+    notes = []
+
+    class Progress:
+        def note(self, text):
+            notes.append(text)
+
+    assert has_kernel("conv2d", "cpu") and has_kernel("lstm", "cpu") and not has_kernel("lstm", "cuda")
+    assert run("lstm", device="cuda", progress=Progress()) == []
+    assert notes == ["lstm: pyconvext has no cuda kernel for it in this build: left out"]

@@ -105,8 +105,9 @@ class _Quiet(http.server.SimpleHTTPRequestHandler):
 
 
 @pytest.fixture
-def mirror(tmp_path):
+def mirror(tmp_path, monkeypatch):
     """serve(folder) -> URL of a local HTTP server over that folder."""
+    monkeypatch.setenv("no_proxy", "127.0.0.1")  # urllib would send 127.0.0.1 to a proxy in $http_proxy
     servers = []
 
     def serve(folder):
@@ -134,18 +135,56 @@ def test_download_skips_dead_and_corrupt_mirrors(tmp_path, mirror):
         (corrupt / name).write_bytes(bytes(data))
     dead = f"http://127.0.0.1:{_free_port()}/"
     target = tmp_path / "data"
-    # A stale partial file and a corrupt local copy are both replaced.
+    # A corrupt local copy is replaced.
     target.mkdir()
     (target / "t10k-labels-idx1-ubyte.gz").write_bytes(b"truncated")
 
-    folder = mnist.download(target, urls=[dead, mirror(tmp_path / "corrupt"), mirror(tmp_path / "good")],
-                            timeout=10)
+    folder = mnist.download(target, urls=[dead, _garbage_server(), mirror(tmp_path / "corrupt"),
+                                          mirror(tmp_path / "good")], timeout=10)
     assert folder == target
     assert sorted(os.listdir(target)) == sorted(mnist.FILES)  # no temporary files left
     for name, md5 in mnist.FILES.items():
         assert hashlib.md5((target / name).read_bytes()).hexdigest() == md5
+        assert (target / name).stat().st_mode & 0o777 == 0o644  # readable by all, as a data folder is
     images, labels = mnist.load(False, target, download_missing=False)
     assert images.shape == (10000, 28, 28) and labels.shape == (10000,)
+
+
+def _garbage_server():
+    """A mirror that answers every connection with a line that is not HTTP."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+
+    def answer():
+        while True:
+            connection, _ = server.accept()
+            connection.sendall(b"not http at all\r\n")
+            connection.close()
+
+    threading.Thread(target=answer, daemon=True).start()
+    return f"http://127.0.0.1:{server.getsockname()[1]}/"
+
+
+@needs_data
+def test_test_set_alone(tmp_path, mirror):
+    """The test set needs only its two files, read or downloaded."""
+    only = tmp_path / "only" / "files"
+    only.mkdir(parents=True)
+    for name in mnist.split_files(train=False):
+        shutil.copy(SHARED / name, only / name)
+    images, labels = mnist.load(train=False, folder=only, download_missing=False)
+    assert images.shape == (10000, 28, 28) and labels.shape == (10000,)
+    target = tmp_path / "data"
+    mnist.download(target, urls=mirror(tmp_path / "only"), names=mnist.split_files(train=False))
+    assert sorted(os.listdir(target)) == sorted(mnist.split_files(train=False))
+
+
+def test_unwritable_folder_is_named(tmp_path):
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    with pytest.raises(mnist.MNISTUnavailable, match=r"are missing from .*/file, and it cannot be written \("):
+        mnist.download(not_a_folder, urls=["http://127.0.0.1:9/"])
 
 
 @needs_data

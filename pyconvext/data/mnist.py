@@ -10,6 +10,7 @@ truncated file behind.
 
 import gzip
 import hashlib
+import http.client
 import os
 import struct
 import tempfile
@@ -59,11 +60,16 @@ def md5(path) -> str:
     return digest.hexdigest()
 
 
-def missing_files(folder) -> list:
-    """The files of FILES that are absent from `folder` or fail their md5."""
+def split_files(train):
+    """The image and label files of the training or test set."""
+    prefix = "train" if train else "t10k"
+    return [f"{prefix}-images-idx3-ubyte.gz", f"{prefix}-labels-idx1-ubyte.gz"]
+
+
+def missing_files(folder, names=tuple(FILES)) -> list:
+    """Those of `names` that are absent from `folder` or fail their md5."""
     folder = Path(folder)
-    return [name for name, expected in FILES.items()
-            if not (folder / name).is_file() or md5(folder / name) != expected]
+    return [name for name in names if not (folder / name).is_file() or md5(folder / name) != FILES[name]]
 
 
 def _fetch(url, name, folder, timeout):
@@ -77,28 +83,39 @@ def _fetch(url, name, folder, timeout):
         got = md5(temporary)
         if got != FILES[name]:
             raise OSError(f"md5 {got}, expected {FILES[name]}")
+        os.chmod(temporary, 0o644)  # mkstemp's 0600 would hide a shared data folder from others
         os.replace(temporary, folder / name)
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
 
 
-def download(folder=None, urls=None, timeout=30.0) -> Path:
-    """Makes sure the four files are in the folder, downloading what is missing
-    or corrupt; each file from the first mirror that serves it with the right
-    md5. Raises MNISTUnavailable, naming every mirror's failure, when a file
-    cannot be had. Returns the folder."""
+def download(folder=None, urls=None, timeout=30.0, names=tuple(FILES)) -> Path:
+    """Makes sure the files `names` (default: all four) are in the folder,
+    downloading what is missing or corrupt; each file from the first mirror
+    that serves it with the right md5. Raises MNISTUnavailable, naming every
+    mirror's failure, when a file cannot be had. Returns the folder."""
     folder = data_dir(folder)
-    urls = tuple(urls or mirrors())
-    for name in missing_files(folder):
+    urls = (urls,) if isinstance(urls, str) else tuple(urls or mirrors())
+    missing = missing_files(folder, names)
+    if missing:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=folder).close()
+        except OSError as error:
+            raise MNISTUnavailable(f"MNIST files {', '.join(missing)} are missing from {folder}, and it "
+                                   f"cannot be written ({error}); point --data-dir or ${DATA_ENV} at "
+                                   "a writable folder, or at one that has the files") from None
+    for name in missing:
         failures = []
         for mirror in urls:
             url = mirror.rstrip("/") + "/" + name
             try:
                 _fetch(url, name, folder, timeout)
                 break
-            except (OSError, urllib.error.URLError, ValueError) as error:  # ValueError: a malformed URL
-                failures.append(f"  {url}: {error}")
+            # ValueError: a malformed URL; HTTPException: a broken reply.
+            except (OSError, urllib.error.URLError, ValueError, http.client.HTTPException) as error:
+                failures.append(f"  {url}: {str(error) or type(error).__name__}")
         else:
             raise MNISTUnavailable(
                 f"MNIST file {name} is not in {folder} (or fails its md5 check) and no mirror "
@@ -126,18 +143,18 @@ def read_idx(path) -> torch.Tensor:
 
 def load(train=True, folder=None, download_missing=True):
     """(images uint8 N×28×28, labels int64 N) of the training or test set."""
+    names = split_files(train)
     if download_missing:
-        folder = download(folder)
+        folder = download(folder, names=names)
     else:
         folder = data_dir(folder)
-        if missing := missing_files(folder):
+        if missing := missing_files(folder, names):
             raise MNISTUnavailable(f"{folder} lacks the MNIST files {', '.join(missing)} "
                                    "(or they fail their md5 check), and downloading is off")
-    prefix = "train" if train else "t10k"
-    images = read_idx(folder / f"{prefix}-images-idx3-ubyte.gz")
-    labels = read_idx(folder / f"{prefix}-labels-idx1-ubyte.gz").long()
+    images = read_idx(folder / names[0])
+    labels = read_idx(folder / names[1]).long()
     if images.shape[0] != labels.shape[0]:
-        raise ValueError(f"{folder}: {images.shape[0]} {prefix} images but {labels.shape[0]} labels")
+        raise ValueError(f"{folder}: {images.shape[0]} images in {names[0]} but {labels.shape[0]} labels")
     return images, labels
 
 
