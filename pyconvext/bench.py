@@ -37,6 +37,8 @@ def _import_benchmark():
 
 benchmark = _import_benchmark()
 from . import functional, nn
+from ._registrations import KERNELS
+from .convert import convert
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,8 +232,6 @@ MODEL_CATALOG = (
 
 def has_kernel(op, device):
     """Whether this build has our kernel for a catalog's operator on `device`."""
-    from ._registrations import KERNELS
-
     name = {"lstm": "lstm_cell", "models": "conv2d"}.get(op, op)
     return device.upper() in KERNELS[name]
 
@@ -431,8 +431,6 @@ def model_cases(model, device="cpu", dtype=torch.float32):
     """(mode, native fn, ours fn, images) for one catalog model: forward in
     eval mode under no_grad (inference), and forward+backward in training mode
     into every parameter's gradient (a training step without the optimizer)."""
-    from .convert import convert
-
     torch.manual_seed(0)
     native = model.build().to(device, dtype)
     ours = convert(native, inplace=False)
@@ -552,10 +550,11 @@ def geomean(values):
 def summary(results):
     """Geometric mean and minimum speedup per mode (per operator and mode when
     the results span several operators)."""
-    if len({r.op for r in results}) > 1:
-        label = lambda r: f"{r.op} {r.mode}"  # noqa: E731
-    else:
-        label = lambda r: r.mode  # noqa: E731
+    several = len({r.op for r in results}) > 1
+
+    def label(r):
+        return f"{r.op} {r.mode}" if several else r.mode
+
     lines = []
     for name in dict.fromkeys(map(label, results)):
         group = [r for r in results if label(r) == name]

@@ -653,33 +653,37 @@ bool use_columns(const Conv2dGeometry& g, int64_t max_plane) {
   return g.out_h * g.out_w <= max_plane && g.in_per_group() * g.kernel_h * g.kernel_w >= kColumnsMinRows;
 }
 
-// Images per chunk: as many as keep a chunk's columns within a few MB.
-int64_t columns_chunk(const Conv2dGeometry& g) {
-  const int64_t per_image = g.in_per_group() * g.kernel_h * g.kernel_w * g.out_h * g.out_w;
-  return std::clamp<int64_t>(kColumnsMaxElements / std::max<int64_t>(per_image, 1), 1, g.batch);
+// Runs body(n0, count, cols) for chunks of images [n0, n0 + count), as many
+// per chunk as keep its columns within kColumnsMaxElements; cols is one
+// [rows, count * plane] buffer that every chunk reuses.
+template <typename Body>
+void for_each_column_chunk(const Conv2dGeometry& g, const at::TensorOptions& options, Body body) {
+  const int64_t rows = g.in_per_group() * g.kernel_h * g.kernel_w, plane = g.out_h * g.out_w;
+  const int64_t chunk = std::clamp<int64_t>(kColumnsMaxElements / std::max<int64_t>(rows * plane, 1), 1, g.batch);
+  Tensor cols = at::empty({rows * chunk * plane}, options);
+  for (int64_t n0 = 0; n0 < g.batch; n0 += chunk) {
+    const int64_t count = std::min(chunk, g.batch - n0);
+    body(n0, count, cols.narrow(0, 0, rows * count * plane).view({rows, count * plane}));
+  }
 }
 
 template <typename T>
 void forward_columns(const Tensor& x, const Tensor& w, const std::optional<Tensor>& bias,
                      const Conv2dGeometry& g, Tensor& out) {
   const int64_t in_per_group = g.in_per_group(), out_per_group = g.out_per_group();
-  const int64_t rows = in_per_group * g.kernel_h * g.kernel_w, plane = g.out_h * g.out_w;
-  const Tensor w3 = w.view({g.groups, out_per_group, rows});
+  const int64_t plane = g.out_h * g.out_w, image = g.in_channels * g.in_h * g.in_w;
+  const Tensor w3 = w.view({g.groups, out_per_group, -1});
   const Tensor out4 = out.view({g.batch, g.groups, out_per_group, plane});
-  const int64_t chunk = columns_chunk(g);
-  Tensor cols = at::empty({rows * chunk * plane}, x.options());
-  for (int64_t n0 = 0; n0 < g.batch; n0 += chunk) {
-    const int64_t count = std::min(chunk, g.batch - n0);
-    const Tensor c = cols.narrow(0, 0, rows * count * plane).view({rows, count * plane});
+  for_each_column_chunk(g, x.options(), [&](int64_t n0, int64_t count, Tensor cols) {
     for (int64_t grp = 0; grp < g.groups; ++grp) {
       im2col(x.const_data_ptr<T>() + (n0 * g.in_channels + grp * in_per_group) * g.in_h * g.in_w,
-             in_per_group, count, g.in_channels * g.in_h * g.in_w, g, c.mutable_data_ptr<T>());
+             in_per_group, count, image, g, cols.mutable_data_ptr<T>());
       const Tensor product = bias.has_value()
-          ? at::addmm(bias->narrow(0, grp * out_per_group, out_per_group).unsqueeze(1), w3[grp], c)
-          : at::mm(w3[grp], c);
+          ? at::addmm(bias->narrow(0, grp * out_per_group, out_per_group).unsqueeze(1), w3[grp], cols)
+          : at::mm(w3[grp], cols);
       out4.narrow(0, n0, count).select(1, grp).copy_(product.view({out_per_group, count, plane}).transpose(0, 1));
     }
-  }
+  });
 }
 
 // grad_input (zero on entry) and grad_weight (zero on entry); either may be undefined.
@@ -687,30 +691,25 @@ template <typename T>
 void backward_columns(const Tensor& grad_out, const Tensor& x, const Tensor& w, const Conv2dGeometry& g,
                       Tensor& grad_input, Tensor& grad_weight) {
   const int64_t in_per_group = g.in_per_group(), out_per_group = g.out_per_group();
-  const int64_t rows = in_per_group * g.kernel_h * g.kernel_w, plane = g.out_h * g.out_w;
-  const int64_t image = g.in_channels * g.in_h * g.in_w;
-  const Tensor w3 = w.view({g.groups, out_per_group, rows});
+  const int64_t plane = g.out_h * g.out_w, image = g.in_channels * g.in_h * g.in_w;
+  const Tensor w3 = w.view({g.groups, out_per_group, -1});
   const Tensor go4 = grad_out.view({g.batch, g.groups, out_per_group, plane});
-  const int64_t chunk = columns_chunk(g);
-  Tensor cols = at::empty({rows * chunk * plane}, x.options());
-  for (int64_t n0 = 0; n0 < g.batch; n0 += chunk) {
-    const int64_t count = std::min(chunk, g.batch - n0);
-    Tensor c = cols.narrow(0, 0, rows * count * plane).view({rows, count * plane});
+  for_each_column_chunk(g, x.options(), [&](int64_t n0, int64_t count, Tensor cols) {
     for (int64_t grp = 0; grp < g.groups; ++grp) {
       const int64_t offset = (n0 * g.in_channels + grp * in_per_group) * g.in_h * g.in_w;
       // grad_output of the chunk as [out_per_group, (image, pixel)].
       const Tensor go = go4.narrow(0, n0, count).select(1, grp).transpose(0, 1).reshape({out_per_group, count * plane});
       if (grad_weight.defined()) {
-        im2col(x.const_data_ptr<T>() + offset, in_per_group, count, image, g, c.mutable_data_ptr<T>());
-        grad_weight.view({g.groups, out_per_group, rows})[grp].addmm_(go, c.t());
+        im2col(x.const_data_ptr<T>() + offset, in_per_group, count, image, g, cols.mutable_data_ptr<T>());
+        grad_weight.view({g.groups, out_per_group, -1})[grp].addmm_(go, cols.t());
       }
       if (grad_input.defined()) {
-        at::mm_out(c, w3[grp].t(), go);
-        col2im_add(c.const_data_ptr<T>(), in_per_group, count, image, g,
+        at::mm_out(cols, w3[grp].t(), go);
+        col2im_add(cols.const_data_ptr<T>(), in_per_group, count, image, g,
                    grad_input.mutable_data_ptr<T>() + offset);
       }
     }
-  }
+  });
 }
 
 // ---------------------------------------------------------------------------

@@ -73,8 +73,8 @@ def missing_files(folder, names=tuple(FILES)) -> list:
 
 
 def _fetch(url, name, folder, timeout):
-    """Downloads url into folder/name if its md5 is right; else raises OSError."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """Downloads url into folder/name (a writable folder) if its md5 is right;
+    else raises OSError."""
     handle, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=folder)
     try:
         with os.fdopen(handle, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
