@@ -281,6 +281,32 @@ def test_lstm_packed_sequences(gen, options, enforce_sorted):
         assert_lstm_matches(native, ours, x, state)
 
 
+# Shapes that take each path of the CPU kernel: the recurrence split among
+# threads by rows (batch >= 16) or by columns, several gate groups and GEMM
+# panels with tails (hidden 40, 70), GEMM depth blocks of 256 (input 300).
+@pytest.mark.parametrize("batch,input_size,hidden_size", [(3, 300, 40), (19, 300, 40), (37, 20, 70)])
+@pytest.mark.parametrize("options", [dict(), dict(bidirectional=True, proj_size=9)], ids=["default", "bidirectional,proj"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_lstm_large_shapes(gen, batch, input_size, hidden_size, options, dtype):
+    native, ours = lstms(gen, input_size, hidden_size, dtype, **options)
+    x = randn(gen, 4, batch, input_size, dtype=dtype)
+    directions = 2 if options.get("bidirectional") else 1
+    hx = (randn(gen, directions, batch, options.get("proj_size") or hidden_size, dtype=dtype),
+          randn(gen, directions, batch, hidden_size, dtype=dtype))
+    assert_lstm_matches(native, ours, x, hx)
+
+
+@pytest.mark.parametrize("enforce_sorted", [True, False])
+def test_lstm_packed_sequences_large_batch(gen, enforce_sorted):
+    """Rows that end at different steps, in blocks of rows that threads run apart."""
+    native, ours = lstms(gen, 6, 20, torch.float64, bidirectional=True)
+    lengths = [7 - i // 4 for i in range(24)]
+    if not enforce_sorted:
+        lengths = lengths[::-1]
+    x = pack_padded_sequence(randn(gen, 7, 24, 6, dtype=torch.float64), lengths, enforce_sorted=enforce_sorted)
+    assert_lstm_matches(native, ours, x, None)
+
+
 def test_lstm_batchless_input(gen):
     native, ours = lstms(gen, 5, 6, num_layers=2, bidirectional=True)
     x = randn(gen, 7, 5)

@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "common/conv2d.h"
+#include "cpu/gemm.h"
 #include "cpu/simd.h"
 
 namespace pyconvext {
@@ -494,6 +495,13 @@ void for_each_image(int64_t batch, int64_t scratch_size, const at::TensorOptions
   }
 }
 
+// Each row r of the (rows, cols) matrix at c (row stride ldc) set to bias[r].
+template <typename T>
+void fill_rows(T* c, int64_t rows, int64_t cols, int64_t ldc, const T* bias) {
+  for (int64_t r = 0; r < rows; ++r) std::fill(c + r * ldc, c + r * ldc + cols, bias[r]);
+}
+
+template <typename T>
 void forward_pointwise(const Tensor& x, const Tensor& w, const std::optional<Tensor>& bias,
                        const Conv2dGeometry& g, Tensor& out) {
   const int64_t in_per_group = g.in_per_group(), out_per_group = g.out_per_group();
@@ -505,15 +513,16 @@ void forward_pointwise(const Tensor& x, const Tensor& w, const std::optional<Ten
       const Tensor src = x3[n].narrow(0, grp * in_per_group, in_per_group);
       Tensor dst = out4[n][grp];
       if (bias.has_value()) {
-        at::addmm_out(dst, bias->narrow(0, grp * out_per_group, out_per_group).unsqueeze(1), w3[grp], src);
-      } else {
-        at::mm_out(dst, w3[grp], src);
+        fill_rows(dst.mutable_data_ptr<T>(), out_per_group, dst.size(1), dst.stride(0),
+                  bias->const_data_ptr<T>() + grp * out_per_group);
       }
+      cpu::gemm<T>(w3[grp], src, dst, bias.has_value());
     }
   });
 }
 
 // grad_input and grad_weight (either may be undefined) of a pointwise convolution.
+template <typename T>
 void backward_pointwise(const Tensor& grad_out, const Tensor& x, const Tensor& w,
                         const Conv2dGeometry& g, Tensor& grad_input, Tensor& grad_weight) {
   const int64_t in_per_group = g.in_per_group(), out_per_group = g.out_per_group();
@@ -530,11 +539,12 @@ void backward_pointwise(const Tensor& grad_out, const Tensor& x, const Tensor& w
       if (grad_weight.defined()) {
         Tensor& sums = partial[at::get_thread_num()];
         if (!sums.defined()) sums = at::zeros({g.groups, out_per_group, in_per_group}, x.options());
-        sums[grp].addmm_(go, x3[n].narrow(0, grp * in_per_group, in_per_group).t());
+        Tensor sums_grp = sums[grp];
+        cpu::gemm<T>(go, x3[n].narrow(0, grp * in_per_group, in_per_group).t(), sums_grp, true);
       }
       if (grad_input.defined()) {
         Tensor dst = gi3[n].narrow(0, grp * in_per_group, in_per_group);
-        at::mm_out(dst, w3[grp].t(), go);
+        cpu::gemm<T>(w3[grp].t(), go, dst, false);
       }
     }
   });
@@ -631,7 +641,7 @@ void grad_input_col2im(const Tensor& grad_out, const Tensor& w, const Conv2dGeom
   for_each_image(g.batch, rows * plane, w.options(), [&](int64_t n, Tensor& scratch) {
     Tensor cols = scratch.view({rows, plane});
     for (int64_t grp = 0; grp < g.groups; ++grp) {
-      at::mm_out(cols, w3[grp].t(), go4[n][grp]);
+      cpu::gemm<T>(w3[grp].t(), go4[n][grp], cols, false);
       col2im_add(cols.const_data_ptr<T>(), in_per_group, 1, 0, g,
                  gi_data + (n * g.in_channels + grp * in_per_group) * g.in_h * g.in_w);
     }
@@ -675,12 +685,15 @@ void forward_columns(const Tensor& x, const Tensor& w, const std::optional<Tenso
   const Tensor w3 = w.view({g.groups, out_per_group, -1});
   const Tensor out4 = out.view({g.batch, g.groups, out_per_group, plane});
   for_each_column_chunk(g, x.options(), [&](int64_t n0, int64_t count, Tensor cols) {
+    Tensor product = at::empty({out_per_group, count * plane}, x.options());
     for (int64_t grp = 0; grp < g.groups; ++grp) {
       im2col(x.const_data_ptr<T>() + (n0 * g.in_channels + grp * in_per_group) * g.in_h * g.in_w,
              in_per_group, count, image, g, cols.mutable_data_ptr<T>());
-      const Tensor product = bias.has_value()
-          ? at::addmm(bias->narrow(0, grp * out_per_group, out_per_group).unsqueeze(1), w3[grp], cols)
-          : at::mm(w3[grp], cols);
+      if (bias.has_value()) {
+        fill_rows(product.mutable_data_ptr<T>(), out_per_group, count * plane, count * plane,
+                  bias->const_data_ptr<T>() + grp * out_per_group);
+      }
+      cpu::gemm<T>(w3[grp], cols, product, bias.has_value());
       out4.narrow(0, n0, count).select(1, grp).copy_(product.view({out_per_group, count, plane}).transpose(0, 1));
     }
   });
@@ -701,10 +714,11 @@ void backward_columns(const Tensor& grad_out, const Tensor& x, const Tensor& w, 
       const Tensor go = go4.narrow(0, n0, count).select(1, grp).transpose(0, 1).reshape({out_per_group, count * plane});
       if (grad_weight.defined()) {
         im2col(x.const_data_ptr<T>() + offset, in_per_group, count, image, g, cols.mutable_data_ptr<T>());
-        grad_weight.view({g.groups, out_per_group, -1})[grp].addmm_(go, cols.t());
+        Tensor gw = grad_weight.view({g.groups, out_per_group, -1})[grp];
+        cpu::gemm<T>(go, cols.t(), gw, true);
       }
       if (grad_input.defined()) {
-        at::mm_out(cols, w3[grp].t(), go);
+        cpu::gemm<T>(w3[grp].t(), go, cols, false);
         col2im_add(cols.const_data_ptr<T>(), in_per_group, count, image, g,
                    grad_input.mutable_data_ptr<T>() + offset);
       }
@@ -767,7 +781,7 @@ Tensor conv2d_cpu(const Tensor& input, const Tensor& weight, const std::optional
   if (g.batch > 0) {
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pyconvext.conv2d", [&] {
       if (is_pointwise(g)) {
-        forward_pointwise(x, w, b, g, out);
+        forward_pointwise<scalar_t>(x, w, b, g, out);
       } else if (use_columns(g, kColumnsForwardMaxPlane)) {
         forward_columns<scalar_t>(x, w, b, g, out);
       } else {
@@ -797,7 +811,7 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_backward_cpu(
   } else {
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pyconvext.conv2d_backward", [&] {
       if (is_pointwise(g)) {
-        backward_pointwise(go, x, w, g, grad_input, grad_weight);
+        backward_pointwise<scalar_t>(go, x, w, g, grad_input, grad_weight);
       } else if (use_columns(g, kColumnsBackwardMaxPlane)) {
         if (grad_input.defined()) grad_input.zero_();
         backward_columns<scalar_t>(go, x, w, g, grad_input, grad_weight);

@@ -25,11 +25,15 @@
 #include <ATen/ops/sum.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <numeric>
 #include <type_traits>
+#include <vector>
 
 #include "common/lstm.h"
+#include "cpu/gemm.h"
 #include "cpu/simd.h"
 
 namespace pyconvext {
@@ -40,13 +44,17 @@ using at::Tensor;
 // Rows of one step's element-wise forward; strides are in elements per row.
 template <typename T>
 struct CellArgs {
-  const T* gates;   // (rows, 4H) pre-activations
+  const T* gates;   // (rows, 4H) pre-activations, in groups of `group` units
   const T* c_prev;  // (rows, H)
   T* workspace;     // rows of i, f, g, o, tanh(c) (and c_prev, with save_c_prev)
   T* c;             // (rows, H)
   T* h;             // (rows, H)
   int64_t hidden_size, c_prev_stride, workspace_stride, c_stride, h_stride;
   bool save_c_prev;
+  // Hidden units per group of gate columns: a group of w units holds their
+  // i, f, g and o pre-activations, w of each, side by side (H: PyTorch's
+  // order; see grouped_gate_order).
+  int64_t group;
 };
 
 template <typename T>
@@ -75,7 +83,7 @@ template <typename T>
 void cell_forward(const CellArgs<T>& args, int64_t rows) {
   at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / args.hidden_size),
                    [&](int64_t begin, int64_t end) {
-    PYCONVEXT_ISA_CALL(cell_forward_rows, args, begin, end);
+    PYCONVEXT_ISA_CALL(cell_forward_rows, args, begin, end, 0, args.hidden_size);
   });
 }
 
@@ -111,7 +119,7 @@ std::tuple<Tensor, Tensor, Tensor> lstm_cell_cpu(
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "pyconvext.lstm_cell", [&] {
     const CellArgs<scalar_t> args{gates.const_data_ptr<scalar_t>(), c_prev.const_data_ptr<scalar_t>(),
                                   workspace.mutable_data_ptr<scalar_t>(), cy.mutable_data_ptr<scalar_t>(),
-                                  hy.mutable_data_ptr<scalar_t>(), H, H, 5 * H, H, H, false};
+                                  hy.mutable_data_ptr<scalar_t>(), H, H, 5 * H, H, H, false, H};
     cell_forward(args, g.batch);
   });
   return {hy, cy, workspace};
@@ -157,6 +165,122 @@ int64_t layer_workspace_columns(const LstmLayerGeometry& g) {
   return (g.output_size != g.hidden_size ? 7 : 6) * g.hidden_size;
 }
 
+// The gate columns of lstm_layer's GEMMs, in groups of `group` hidden units:
+// a group's i, f, g and o columns side by side. A thread that computes a
+// panel of the recurrent GEMM then holds whole units, and runs their
+// element-wise step while the panel is still in its cache.
+std::vector<int64_t> grouped_gate_order(int64_t H, int64_t group) {
+  std::vector<int64_t> order;
+  order.reserve(4 * H);
+  for (int64_t u0 = 0; u0 < H; u0 += group) {
+    const int64_t w = std::min(group, H - u0);
+    for (int64_t gate = 0; gate < 4; ++gate) {
+      for (int64_t j = 0; j < w; ++j) order.push_back(gate * H + u0 + j);
+    }
+  }
+  return order;
+}
+
+// Threads run the recurrence of a sequence in one of two ways:
+//  - with at least kRowSplitMinRows rows each, every thread runs all steps
+//    on its own rows (in blocks of kRowBlock): no synchronization between
+//    steps, and each step's GEMM, gate pass and state stay in its caches;
+//  - with fewer rows, they split each step's recurrent GEMM by columns
+//    (whole gate groups, so each runs the element-wise step of its units),
+//    meeting after every step. Each keeps its half of the weights in cache.
+constexpr int64_t kRowBlock = 8, kRowSplitMinRows = 8;
+
+bool split_rows(int64_t batch) {
+  return batch >= kRowSplitMinRows * std::min<int64_t>(2, at::get_num_threads());
+}
+
+// Runs body(r0, r1) over blocks of the batch's rows, on as many threads.
+template <typename Body>
+void for_row_blocks(int64_t batch, Body body) {
+  at::parallel_for(0, (batch + kRowBlock - 1) / kRowBlock, 1, [&](int64_t begin, int64_t end) {
+    body(begin * kRowBlock, std::min(batch, end * kRowBlock));
+  });
+}
+
+template <typename T>
+void layer_forward(const LstmLayerGeometry& g, const Tensor& input, const Tensor& w_ih,
+                   const Tensor& w_hh, const std::optional<Tensor>& bias,
+                   const std::optional<Tensor>& w_hr, bool reverse, Tensor& output,
+                   Tensor& h_state, Tensor& c_state, Tensor& workspace) {
+  const int64_t H = g.hidden_size, P = g.output_size, G = 4 * H, columns = workspace.size(1);
+  // Groups of a vector of units; a column split runs in blocks of whole
+  // panels and whole groups.
+  const int64_t group = [] { PYCONVEXT_ISA_CALL(float_lanes); }();
+  const int64_t block_columns = std::lcm(4 * group, cpu::gemm_panel_width<T>());
+  const int64_t block_units = block_columns / 4, block_panels = block_columns / cpu::gemm_panel_width<T>();
+  const std::vector<int64_t> order = grouped_gate_order(H, group);
+  Tensor gates = at::empty({g.rows, G}, input.options());
+  T* gates_data = gates.mutable_data_ptr<T>();
+  if (bias.has_value()) {
+    const Tensor b = bias->contiguous();
+    std::vector<T> grouped(G);
+    for (int64_t j = 0; j < G; ++j) grouped[j] = b.const_data_ptr<T>()[order[j]];
+    at::parallel_for(0, g.rows, 256, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) std::copy(grouped.begin(), grouped.end(), gates_data + r * G);
+    });
+  }
+  const Tensor x = input.reshape({g.rows, g.input_size});
+  cpu::gemm(g.rows, cpu::matrix_view<T>(x),
+            cpu::PackedMatrix<T>(cpu::matrix_view<T>(w_ih).t(), g.input_size, G, order.data()),
+            gates_data, G, bias.has_value());
+  const cpu::PackedMatrix<T> w_hh_packed(cpu::matrix_view<T>(w_hh).t(), P, G, order.data());
+  std::optional<cpu::PackedMatrix<T>> w_hr_packed;
+  if (w_hr.has_value()) w_hr_packed.emplace(cpu::matrix_view<T>(*w_hr).t(), H, P);
+  T* h_data = h_state.mutable_data_ptr<T>();
+  T* c_data = c_state.mutable_data_ptr<T>();
+  T* out_data = output.mutable_data_ptr<T>();
+  T* ws_data = workspace.mutable_data_ptr<T>();
+  // Rows [r0, r1) of step t: the recurrent GEMM on panels [p0, p1) and the
+  // element-wise step of units [u0, u1).
+  const auto step = [&](int64_t t, int64_t r0, int64_t r1, int64_t p0, int64_t p1, int64_t u0,
+                        int64_t u1) {
+    const int64_t first = g.offsets[t] + r0;
+    T* step_gates = gates_data + first * G;
+    T* step_workspace = ws_data + first * columns;
+    // Without a projection h goes to the output, else to the workspace.
+    const CellArgs<T> args{step_gates, c_data + r0 * H, step_workspace, c_data + r0 * H,
+                           w_hr.has_value() ? step_workspace + 6 * H : out_data + first * P,
+                           H, H, columns, H, w_hr.has_value() ? columns : P, true, group};
+    cpu::gemm_packed(r1 - r0, {h_data + r0 * P, P, 1}, w_hh_packed, step_gates, G, true, p0, p1);
+    PYCONVEXT_ISA_CALL(cell_forward_rows, args, 0, r1 - r0, u0, u1);
+  };
+  // The step's new h of rows [r0, r1): projected (with proj_size) to the
+  // output, and copied to the state.
+  const auto finish = [&](int64_t t, int64_t r0, int64_t r1) {
+    const int64_t first = g.offsets[t] + r0;
+    if (w_hr_packed.has_value()) {
+      cpu::gemm_packed(r1 - r0, {ws_data + first * columns + 6 * H, columns, 1}, *w_hr_packed,
+                       out_data + first * P, P, false, 0, w_hr_packed->panels());
+    }
+    std::memcpy(h_data + r0 * P, out_data + first * P, (r1 - r0) * P * sizeof(T));
+  };
+  const auto step_of = [&](int64_t s) { return reverse ? g.steps - 1 - s : s; };
+  if (split_rows(g.batch)) {
+    for_row_blocks(g.batch, [&](int64_t r0, int64_t r1) {
+      for (int64_t s = 0; s < g.steps; ++s) {
+        const int64_t t = step_of(s), rows = std::min(r1, g.batch_sizes[t]);
+        if (rows <= r0) continue;
+        step(t, r0, rows, 0, w_hh_packed.panels(), 0, H);
+        finish(t, r0, rows);
+      }
+    });
+    return;
+  }
+  for (int64_t s = 0; s < g.steps; ++s) {
+    const int64_t t = step_of(s), rows = g.batch_sizes[t];
+    at::parallel_for(0, (H + block_units - 1) / block_units, 1, [&](int64_t begin, int64_t end) {
+      step(t, 0, rows, begin * block_panels, std::min(w_hh_packed.panels(), end * block_panels),
+           begin * block_units, std::min(H, end * block_units));
+    });
+    finish(t, 0, rows);
+  }
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_layer_cpu(
     const Tensor& input, const Tensor& hx, const Tensor& cx, const Tensor& w_ih,
     const Tensor& w_hh, const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh,
@@ -164,37 +288,74 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_layer_cpu(
   const LstmLayerGeometry g =
       check_lstm_layer(input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes);
   at::AutoDispatchBelowADInplaceOrView no_autograd;
-  const int64_t H = g.hidden_size, P = g.output_size, columns = layer_workspace_columns(g);
-  Tensor gates = input_gates(input.reshape({g.rows, g.input_size}), w_ih, b_ih, b_hh);
-  Tensor workspace = at::empty({g.rows, columns}, input.options());
-  Tensor output = at::empty({g.rows, P}, input.options());
+  const std::optional<Tensor> bias =
+      !b_ih.has_value() ? b_hh : !b_hh.has_value() ? b_ih : std::optional<Tensor>(at::add(*b_ih, *b_hh));
+  Tensor workspace = at::empty({g.rows, layer_workspace_columns(g)}, input.options());
+  Tensor output = at::empty({g.rows, g.output_size}, input.options());
   Tensor h_state = hx.clone(at::MemoryFormat::Contiguous);
   Tensor c_state = cx.clone(at::MemoryFormat::Contiguous);
-  // Row-major (P, 4H): the recurrent GEMM runs faster on it than on w_hh.t().
-  const Tensor w_hh_t = w_hh.t().contiguous();
-  for (int64_t s = 0; s < g.steps; ++s) {
-    const int64_t t = reverse ? g.steps - 1 - s : s;
-    const int64_t rows = g.batch_sizes[t], first = g.offsets[t];
-    Tensor step_gates = gates.narrow(0, first, rows);
-    step_gates.addmm_(h_state.narrow(0, 0, rows), w_hh_t);
-    Tensor step_workspace = workspace.narrow(0, first, rows);
-    Tensor step_output = output.narrow(0, first, rows);
-    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "pyconvext.lstm_layer", [&] {
-      // Without a projection h goes to the output, else to the workspace.
-      scalar_t* h = w_hr.has_value() ? step_workspace.mutable_data_ptr<scalar_t>() + 6 * H
-                                     : step_output.mutable_data_ptr<scalar_t>();
-      const CellArgs<scalar_t> args{step_gates.const_data_ptr<scalar_t>(),
-                                    c_state.const_data_ptr<scalar_t>(),
-                                    step_workspace.mutable_data_ptr<scalar_t>(),
-                                    c_state.mutable_data_ptr<scalar_t>(), h, H, H, columns, H,
-                                    w_hr.has_value() ? columns : P, true};
-      cell_forward(args, rows);
-    });
-    if (w_hr.has_value()) at::mm_out(step_output, step_workspace.narrow(1, 6 * H, H), w_hr->t());
-    h_state.narrow(0, 0, rows).copy_(step_output);
-  }
-  if (!batch_sizes.has_value()) output = output.view({g.steps, g.batch, P});
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "pyconvext.lstm_layer", [&] {
+    layer_forward<scalar_t>(g, input, w_ih, w_hh, bias, w_hr, reverse, output, h_state, c_state,
+                            workspace);
+  });
+  if (!batch_sizes.has_value()) output = output.view({g.steps, g.batch, g.output_size});
   return {output, h_state, c_state, workspace};
+}
+
+// The recurrence of the backward, in the reverse of the forward's order:
+// per step, the gradient of h (from the next step and the output; through
+// the projection with proj_size), the fused element-wise backward into
+// grad_gates and grad_c, and grad_h = grad_gates w_hh for the step before.
+template <typename T>
+void layer_backward_steps(const LstmLayerGeometry& g, const Tensor& grad_output, const Tensor& ws,
+                          const Tensor& w_hh, const std::optional<Tensor>& w_hr, bool reverse,
+                          Tensor& grad_gates, Tensor& grad_h, Tensor& grad_c, Tensor& grad_projected) {
+  const int64_t H = g.hidden_size, P = g.output_size, G = 4 * H, columns = ws.size(1);
+  const cpu::PackedMatrix<T> w_hh_packed(cpu::matrix_view<T>(w_hh), G, P);
+  std::optional<cpu::PackedMatrix<T>> w_hr_packed;
+  if (w_hr.has_value()) w_hr_packed.emplace(cpu::matrix_view<T>(*w_hr), P, H);
+  Tensor dh = at::empty({g.batch, P}, grad_output.options());
+  Tensor dh_full = w_hr.has_value() ? at::empty({g.batch, H}, grad_output.options()) : Tensor();
+  const T* grad_out = grad_output.const_data_ptr<T>();
+  const T* ws_data = ws.const_data_ptr<T>();
+  T* dh_data = dh.mutable_data_ptr<T>();
+  T* gg_data = grad_gates.mutable_data_ptr<T>();
+  T* gh_data = grad_h.mutable_data_ptr<T>();
+  T* gc_data = grad_c.mutable_data_ptr<T>();
+  // Rows [r0, r1) of step t up to grad_gates.
+  const auto gates_step = [&](int64_t t, int64_t r0, int64_t r1) {
+    const int64_t first = g.offsets[t] + r0, rows = r1 - r0;
+    T* d = dh_data + r0 * P;
+    for (int64_t i = 0; i < rows * P; ++i) d[i] = gh_data[r0 * P + i] + grad_out[first * P + i];
+    if (w_hr_packed.has_value()) {
+      std::memcpy(grad_projected.mutable_data_ptr<T>() + first * P, d, rows * P * sizeof(T));
+      T* full = dh_full.mutable_data_ptr<T>() + r0 * H;
+      cpu::gemm_packed(rows, {d, P, 1}, *w_hr_packed, full, H, false, 0, w_hr_packed->panels());
+      d = full;
+    }
+    const T* step_ws = ws_data + first * columns;
+    const CellGradArgs<T> args{step_ws, step_ws + 5 * H, d, gc_data + r0 * H, gg_data + first * G,
+                               gc_data + r0 * H, H, columns, columns, H, H, H};
+    PYCONVEXT_ISA_CALL(cell_backward_rows, args, 0, rows);
+  };
+  const auto step_of = [&](int64_t s) { return reverse ? s : g.steps - 1 - s; };
+  if (split_rows(g.batch)) {
+    for_row_blocks(g.batch, [&](int64_t r0, int64_t r1) {
+      for (int64_t s = 0; s < g.steps; ++s) {
+        const int64_t t = step_of(s), rows = std::min(r1, g.batch_sizes[t]);
+        if (rows <= r0) continue;
+        gates_step(t, r0, rows);
+        cpu::gemm_packed(rows - r0, {gg_data + (g.offsets[t] + r0) * G, G, 1}, w_hh_packed,
+                         gh_data + r0 * P, P, false, 0, w_hh_packed.panels());
+      }
+    });
+    return;
+  }
+  for (int64_t s = 0; s < g.steps; ++s) {
+    const int64_t t = step_of(s), rows = g.batch_sizes[t];
+    for_row_blocks(rows, [&](int64_t r0, int64_t r1) { gates_step(t, r0, r1); });
+    cpu::gemm(rows, {gg_data + g.offsets[t] * G, G, 1}, w_hh_packed, gh_data, P, false);
+  }
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_backward_cpu(
@@ -227,34 +388,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_ba
   Tensor grad_gates = at::empty({g.rows, 4 * H}, input.options());
   Tensor grad_h = grad_hy.clone(at::MemoryFormat::Contiguous);
   Tensor grad_c = grad_cy.clone(at::MemoryFormat::Contiguous);
-  Tensor step_grad_h = at::empty({g.batch, P}, input.options());
-  Tensor step_grad_full = w_hr.has_value() ? at::empty({g.batch, H}, input.options()) : Tensor();
   Tensor grad_projected = w_hr.has_value() ? at::empty({g.rows, P}, input.options()) : Tensor();
-  // Steps in the reverse of the forward's order.
-  for (int64_t s = 0; s < g.steps; ++s) {
-    const int64_t t = reverse ? s : g.steps - 1 - s;
-    const int64_t rows = g.batch_sizes[t], first = g.offsets[t];
-    Tensor dh = step_grad_h.narrow(0, 0, rows);
-    at::add_out(dh, grad_h.narrow(0, 0, rows), grad_out.narrow(0, first, rows));
-    if (w_hr.has_value()) {
-      grad_projected.narrow(0, first, rows).copy_(dh);
-      Tensor dh_full = step_grad_full.narrow(0, 0, rows);
-      at::mm_out(dh_full, dh, *w_hr);
-      dh = dh_full;
-    }
-    Tensor step_grad_gates = grad_gates.narrow(0, first, rows);
-    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "pyconvext.lstm_layer_backward", [&] {
-      const scalar_t* step_ws = ws.const_data_ptr<scalar_t>() + first * columns;
-      const CellGradArgs<scalar_t> args{step_ws, step_ws + 5 * H, dh.const_data_ptr<scalar_t>(),
-                                        grad_c.const_data_ptr<scalar_t>(),
-                                        step_grad_gates.mutable_data_ptr<scalar_t>(),
-                                        grad_c.mutable_data_ptr<scalar_t>(), H, columns, columns,
-                                        H, H, H};
-      cell_backward(args, rows);
-    });
-    Tensor grad_h_rows = grad_h.narrow(0, 0, rows);
-    at::mm_out(grad_h_rows, step_grad_gates, w_hh);
-  }
   // Each row's previous hidden state: the output of the step before in the
   // forward's order, or hx where the sequence starts.
   Tensor h_prev = at::empty({g.rows, P}, input.options());
@@ -269,12 +403,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_ba
       h_prev.narrow(0, first + carried, rows - carried).copy_(hx.narrow(0, carried, rows - carried));
     }
   }
-  Tensor grad_input = at::mm(grad_gates, w_ih).view(input.sizes());
-  return {grad_input,
+  Tensor grad_input = at::empty({g.rows, g.input_size}, input.options());
+  Tensor grad_w_ih = at::empty(w_ih.sizes(), input.options());
+  Tensor grad_w_hh = at::empty(w_hh.sizes(), input.options());
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "pyconvext.lstm_layer_backward", [&] {
+    layer_backward_steps<scalar_t>(g, grad_out, ws, w_hh, w_hr, reverse, grad_gates, grad_h,
+                                   grad_c, grad_projected);
+    // The input and weight gradients, each one GEMM over all steps.
+    cpu::gemm<scalar_t>(grad_gates, w_ih, grad_input, false);
+    cpu::gemm<scalar_t>(grad_gates.t(), x, grad_w_ih, false);
+    cpu::gemm<scalar_t>(grad_gates.t(), h_prev, grad_w_hh, false);
+  });
+  return {grad_input.view(input.sizes()),
           grad_h,
           grad_c,
-          at::mm(grad_gates.t(), x),
-          at::mm(grad_gates.t(), h_prev),
+          grad_w_ih,
+          grad_w_hh,
           has_bias ? at::sum(grad_gates, 0) : Tensor(),
           w_hr.has_value() ? at::mm(grad_projected.t(), ws.narrow(1, 6 * H, H)) : Tensor()};
 }

@@ -38,59 +38,69 @@ struct VectorActivations {
   static V tanh(V x) { return 1.0f - 2.0f / (exp_lanes(x + x) + 1.0f); }
 };
 
+// Lanes of a float32 vector: the gate group of lstm_layer's GEMMs.
+inline int64_t float_lanes() { return kVectorBytes / 4; }
+
 // float32 runs on vectors, float64 (and the tails) one element at a time.
 template <typename T>
 constexpr int64_t activation_lanes() {
   return std::is_same_v<T, float> ? kVectorBytes / static_cast<int64_t>(sizeof(float)) : 1;
 }
 
-// The forward of rows [begin, end) of a step: from the gate pre-activations
-// (rows of 4 * H) and c_prev, the activations i, f, g, o and tanh(c) into the
-// workspace (and c_prev after them, with save_c_prev), and c and h. c may
-// overwrite c_prev in place.
+// Stores the results of cell_forward_rows for the unit(s) from u of a row.
+template <typename T, typename V>
+inline void store_forward(const CellArgs<T>& a, T* ws, T* c, T* h, int64_t u, V i, V f, V g, V o,
+                          V c_old, V c_new, V tanh_c) {
+  const int64_t H = a.hidden_size;
+  if (a.save_c_prev) simd::store(ws + 5 * H + u, c_old);
+  simd::store(ws + u, i);
+  simd::store(ws + H + u, f);
+  simd::store(ws + 2 * H + u, g);
+  simd::store(ws + 3 * H + u, o);
+  simd::store(ws + 4 * H + u, tanh_c);
+  simd::store(c + u, c_new);
+  simd::store(h + u, o * tanh_c);
+}
+
+// The forward of rows [begin, end) and hidden units [unit_begin, unit_end)
+// (a whole number of gate groups) of a step: from the gate pre-activations
+// and c_prev, the activations i, f, g, o and tanh(c) into the workspace (and
+// c_prev after them, with save_c_prev), and c and h. c may overwrite c_prev
+// in place.
 template <typename T>
-void cell_forward_rows(const CellArgs<T>& a, int64_t begin, int64_t end) {
+void cell_forward_rows(const CellArgs<T>& a, int64_t begin, int64_t end, int64_t unit_begin,
+                       int64_t unit_end) {
   const int64_t H = a.hidden_size;
   constexpr int64_t lanes = activation_lanes<T>();
   for (int64_t b = begin; b < end; ++b) {
-    const T* gates = a.gates + b * 4 * H;
     const T* c_prev = a.c_prev + b * a.c_prev_stride;
     T* ws = a.workspace + b * a.workspace_stride;
     T* c = a.c + b * a.c_stride;
     T* h = a.h + b * a.h_stride;
-    int64_t j = 0;
-    if constexpr (lanes > 1) {
-      using V = simd::Vec<T, lanes * sizeof(T)>;
-      for (; j + lanes <= H; j += lanes) {
-        V i, f, g, o, c_new, tanh_c;
-        const V c_old = simd::load<V>(c_prev + j);
-        lstm_forward_element<VectorActivations<V>>(
-            simd::load<V>(gates + j), simd::load<V>(gates + H + j), simd::load<V>(gates + 2 * H + j),
-            simd::load<V>(gates + 3 * H + j), c_old, i, f, g, o, c_new, tanh_c);
-        if (a.save_c_prev) simd::store(ws + 5 * H + j, c_old);
-        simd::store(ws + j, i);
-        simd::store(ws + H + j, f);
-        simd::store(ws + 2 * H + j, g);
-        simd::store(ws + 3 * H + j, o);
-        simd::store(ws + 4 * H + j, tanh_c);
-        simd::store(c + j, c_new);
-        simd::store(h + j, o * tanh_c);
+    for (int64_t u0 = unit_begin; u0 < unit_end; u0 += a.group) {
+      const int64_t w = std::min(a.group, H - u0);
+      const T* gates = a.gates + b * 4 * H + 4 * u0;
+      int64_t j = 0;
+      if constexpr (lanes > 1) {
+        using V = simd::Vec<T, lanes * sizeof(T)>;
+        for (; j + lanes <= w; j += lanes) {
+          V i, f, g, o, c_new, tanh_c;
+          const V c_old = simd::load<V>(c_prev + u0 + j);
+          lstm_forward_element<VectorActivations<V>>(
+              simd::load<V>(gates + j), simd::load<V>(gates + w + j),
+              simd::load<V>(gates + 2 * w + j), simd::load<V>(gates + 3 * w + j), c_old, i, f, g,
+              o, c_new, tanh_c);
+          store_forward(a, ws, c, h, u0 + j, i, f, g, o, c_old, c_new, tanh_c);
+        }
       }
-    }
-    for (; j < H; ++j) {
-      T i, f, g, o, c_new, tanh_c;
-      const T c_old = c_prev[j];
-      lstm_forward_element<ScalarActivations<T>>(gates[j], gates[H + j], gates[2 * H + j],
-                                                  gates[3 * H + j], c_old, i, f, g, o, c_new,
-                                                  tanh_c);
-      if (a.save_c_prev) ws[5 * H + j] = c_old;
-      ws[j] = i;
-      ws[H + j] = f;
-      ws[2 * H + j] = g;
-      ws[3 * H + j] = o;
-      ws[4 * H + j] = tanh_c;
-      c[j] = c_new;
-      h[j] = o * tanh_c;
+      for (; j < w; ++j) {
+        T i, f, g, o, c_new, tanh_c;
+        const T c_old = c_prev[u0 + j];
+        lstm_forward_element<ScalarActivations<T>>(gates[j], gates[w + j], gates[2 * w + j],
+                                                    gates[3 * w + j], c_old, i, f, g, o, c_new,
+                                                    tanh_c);
+        store_forward(a, ws, c, h, u0 + j, i, f, g, o, c_old, c_new, tanh_c);
+      }
     }
   }
 }
