@@ -1,7 +1,7 @@
 // Operator schemas of pyconvext. Kernels register per dispatch key in
 // cpu/<op>.cpp and cuda/<op>.cu; autograd and fake (meta) kernels are
 // registered from Python in pyconvext/_registrations.py, but for the autograd
-// kernel of max_pool2d_values (below).
+// kernels of max_pool2d_values and lstm_layer_values (below).
 
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/Tensor.h>
@@ -57,6 +57,12 @@ TORCH_LIBRARY(pyconvext, m) {
       "Tensor? b_hh, Tensor? w_hr, Tensor? batch_sizes, bool reverse) "
       "-> (Tensor, Tensor, Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
+  // The (output, hy, cy) of lstm_layer without its workspace, for inference.
+  m.def(
+      "lstm_layer_values(Tensor input, Tensor hx, Tensor cx, Tensor w_ih, Tensor w_hh, "
+      "Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, Tensor? batch_sizes, bool reverse) "
+      "-> (Tensor, Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
   // Gradients of (input, hx, cx, w_ih, w_hh, bias, w_hr); bias and w_hr
   // undefined where absent.
   m.def(
@@ -89,10 +95,36 @@ at::Tensor max_pool2d_values_autograd(const at::Tensor& input, c10::IntArrayRef 
   return op.call(input, kernel_size, stride, padding, dilation, ceil_mode);
 }
 
+// Likewise for lstm_layer_values, which saves no activations for a backward.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_values_autograd(
+    const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+    const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& w_hr,
+    const std::optional<at::Tensor>& batch_sizes, bool reverse) {
+  const auto needs_grad = [](const at::Tensor& t) { return t.defined() && t.requires_grad(); };
+  TORCH_CHECK(!at::GradMode::is_enabled() ||
+                  !(needs_grad(input) || needs_grad(hx) || needs_grad(cx) || needs_grad(w_ih) ||
+                    needs_grad(w_hh) || needs_grad(b_ih.value_or(at::Tensor())) ||
+                    needs_grad(b_hh.value_or(at::Tensor())) || needs_grad(w_hr.value_or(at::Tensor()))),
+              "pyconvext.lstm_layer_values: an argument requires grad, but this operator has no "
+              "gradient; use pyconvext::lstm_layer, which saves what its backward needs "
+              "(pyconvext.functional.lstm chooses it by itself)");
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("pyconvext::lstm_layer_values", "")
+          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+              const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+              const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool)>();
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return op.call(input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyconvext, Autograd, m) {
   m.impl("max_pool2d_values", &max_pool2d_values_autograd);
+  m.impl("lstm_layer_values", &lstm_layer_values_autograd);
 }
 
 // Built as the Python extension pyconvext._C: importing it loads this library,

@@ -12,7 +12,7 @@ import torch
 from . import _BUILD_INFO
 
 OPS = ("conv2d", "conv2d_backward", "max_pool2d", "max_pool2d_values", "max_pool2d_backward",
-       "lstm_cell", "lstm_cell_backward", "lstm_layer", "lstm_layer_backward")
+       "lstm_cell", "lstm_cell_backward", "lstm_layer", "lstm_layer_values", "lstm_layer_backward")
 
 # Dispatch keys with a compiled kernel, per operator (read before any Python
 # kernel below is registered).
@@ -271,6 +271,11 @@ def _lstm_layer_fake(input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, r
     return output, hx.new_empty(hx.shape), cx.new_empty(cx.shape), input.new_empty((rows, columns))
 
 
+@torch.library.register_fake("pyconvext::lstm_layer_values")
+def _lstm_layer_values_fake(input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse):
+    return _lstm_layer_fake(input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse)[:3]
+
+
 @torch.library.register_fake("pyconvext::lstm_layer_backward")
 def _lstm_layer_backward_fake(grad_output, grad_hy, grad_cy, input, hx, cx, w_ih, w_hh, w_hr,
                               batch_sizes, reverse, output, workspace, has_bias):
@@ -323,8 +328,9 @@ def _no_double_backward(op):
 
 for _op in ("lstm_cell", "lstm_layer"):
     _no_double_backward(_op)
-    # The kernels take float32 and float64: under autocast (bfloat16 / float16
-    # elsewhere) they run in float32, as native's fused LSTM cells do on the CPU.
+# The kernels take float32 and float64: under autocast (bfloat16 / float16
+# elsewhere) they run in float32, as native's fused LSTM cells do on the CPU.
+for _op in ("lstm_cell", "lstm_layer", "lstm_layer_values"):
     for _device in ("cpu", "cuda"):
         torch.library.register_autocast(f"pyconvext::{_op}", _device, torch.float32)
 

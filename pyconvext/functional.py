@@ -98,6 +98,8 @@ def lstm(input, hx, params, has_biases, num_layers, dropout, train, bidirectiona
     if batch_sizes is None and batch_first:
         input = input.transpose(0, 1)
     h0, c0 = hx
+    # Without gradients to compute, the layers save no activations for a backward.
+    values_only = not (torch.is_grad_enabled() and any(t.requires_grad for t in (input, h0, c0, *params)))
     x, h_n, c_n = input, [], []
     for layer in range(num_layers):
         outputs = []
@@ -106,9 +108,8 @@ def lstm(input, hx, params, has_biases, num_layers, dropout, train, bidirectiona
             w = params[k * per_layer:(k + 1) * per_layer]
             b_ih, b_hh = (w[2], w[3]) if has_biases else (None, None)
             w_hr = w[-1] if has_projection else None
-            output, h, c, _ = torch.ops.pyconvext.lstm_layer(
-                x, h0[k], c0[k], w[0], w[1], b_ih, b_hh, w_hr, batch_sizes, direction == 1
-            )
+            op = torch.ops.pyconvext.lstm_layer_values if values_only else torch.ops.pyconvext.lstm_layer
+            output, h, c = op(x, h0[k], c0[k], w[0], w[1], b_ih, b_hh, w_hr, batch_sizes, direction == 1)[:3]
             outputs.append(output)
             h_n.append(h)
             c_n.append(c)

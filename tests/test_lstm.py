@@ -307,6 +307,46 @@ def test_lstm_packed_sequences_large_batch(gen, enforce_sorted):
     assert_lstm_matches(native, ours, x, None)
 
 
+@pytest.mark.parametrize("options", LSTM_OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
+@pytest.mark.parametrize("batch", [3, 19])
+def test_lstm_inference_matches_native(gen, options, batch):
+    """Under no_grad the layers run lstm_layer_values, which saves no activations."""
+    native, ours = lstms(gen, 5, 7, torch.float64, **options)
+    native.eval(), ours.eval()
+    shape = (batch, 6, 5) if options.get("batch_first") else (6, batch, 5)
+    x = randn(gen, *shape, dtype=torch.float64)
+    with torch.no_grad():
+        assert_close(ours(x), native(x))
+        packed = pack_padded_sequence(x if options.get("batch_first") else x.transpose(0, 1),
+                                      [6 - i % 6 for i in range(batch)], batch_first=True, enforce_sorted=False)
+        got, want = ours(packed), native(packed)
+    assert_close(got[0].data, want[0].data)
+    assert_close(got[1], want[1])
+
+
+def test_lstm_values_operator(gen):
+    """functional.lstm picks lstm_layer_values only when no gradient is needed;
+    the operator refuses arguments that require grad."""
+    native, ours = lstms(gen, 5, 6)
+    x = randn(gen, 4, 3, 5)
+    with torch.profiler.profile() as prof:
+        with torch.no_grad():
+            ours(x)
+        ours(x)
+        ours(x.requires_grad_())
+    names = [e.name for e in prof.events() if e.name.startswith("pyconvext::lstm_layer")]
+    assert names == ["pyconvext::lstm_layer_values", "pyconvext::lstm_layer", "pyconvext::lstm_layer"]
+    args = [x, randn(gen, 3, 6), randn(gen, 3, 6), ours.weight_ih_l0, ours.weight_hh_l0, None, None, None, None, False]
+    with pytest.raises(RuntimeError, match=r"^pyconvext.lstm_layer_values: an argument requires grad, but this "
+                                           r"operator has no gradient; use pyconvext::lstm_layer"):
+        OPS.lstm_layer_values(*args)
+    with torch.no_grad():
+        got = OPS.lstm_layer_values(*args)
+    assert not any(t.requires_grad for t in got)
+    assert_close(got, OPS.lstm_layer(*args)[:3])
+    torch.library.opcheck(OPS.lstm_layer_values.default, [t.detach() if isinstance(t, torch.Tensor) else t for t in args])
+
+
 def test_lstm_batchless_input(gen):
     native, ours = lstms(gen, 5, 6, num_layers=2, bidirectional=True)
     x = randn(gen, 7, 5)

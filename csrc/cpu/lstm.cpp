@@ -19,9 +19,8 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <ATen/ops/add.h>
-#include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/ops/sum.h>
 #include <torch/library.h>
 
@@ -44,9 +43,10 @@ using at::Tensor;
 // Rows of one step's element-wise forward; strides are in elements per row.
 template <typename T>
 struct CellArgs {
-  const T* gates;   // (rows, 4H) pre-activations, in groups of `group` units
+  const T* gates;   // (rows, 4H) pre-activations without the bias, in groups of `group` units
+  const T* bias;    // (4H), in the same order
   const T* c_prev;  // (rows, H)
-  T* workspace;     // rows of i, f, g, o, tanh(c) (and c_prev, with save_c_prev)
+  T* workspace;     // rows of i, f, g, o, tanh(c) (and c_prev, with save_c_prev), or null
   T* c;             // (rows, H)
   T* h;             // (rows, H)
   int64_t hidden_size, c_prev_stride, workspace_stride, c_stride, h_stride;
@@ -95,13 +95,11 @@ void cell_backward(const CellGradArgs<T>& args, int64_t rows) {
   });
 }
 
-// The gate pre-activations from the input, with the biases (either may be
-// missing, as in native's).
-Tensor input_gates(const Tensor& input, const Tensor& w_ih, const std::optional<Tensor>& b_ih,
-                   const std::optional<Tensor>& b_hh) {
-  if (!b_ih.has_value() && !b_hh.has_value()) return at::mm(input, w_ih.t());
-  const Tensor bias = !b_hh.has_value() ? *b_ih : !b_ih.has_value() ? *b_hh : at::add(*b_ih, *b_hh);
-  return at::addmm(bias, input, w_ih.t());
+// b_ih + b_hh; either may be missing (zeros when both are), as in native's.
+Tensor gate_bias(const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh, int64_t size,
+                 const at::TensorOptions& options) {
+  if (!b_ih.has_value() && !b_hh.has_value()) return at::zeros({size}, options);
+  return (!b_ih.has_value() ? *b_hh : !b_hh.has_value() ? *b_ih : at::add(*b_ih, *b_hh)).contiguous();
 }
 
 std::tuple<Tensor, Tensor, Tensor> lstm_cell_cpu(
@@ -110,14 +108,17 @@ std::tuple<Tensor, Tensor, Tensor> lstm_cell_cpu(
   const LstmCellGeometry g = check_lstm_cell(input, hx, cx, w_ih, w_hh, b_ih, b_hh);
   at::AutoDispatchBelowADInplaceOrView no_autograd;
   const int64_t H = g.hidden_size;
-  Tensor gates = input_gates(input, w_ih, b_ih, b_hh);
-  gates.addmm_(hx, w_hh.t());
+  Tensor gates = at::empty({g.batch, 4 * H}, input.options());
+  const Tensor bias = gate_bias(b_ih, b_hh, 4 * H, input.options());
   const Tensor c_prev = cx.contiguous();
   Tensor hy = at::empty({g.batch, H}, input.options());
   Tensor cy = at::empty({g.batch, H}, input.options());
   Tensor workspace = at::empty({g.batch, 5 * H}, input.options());
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "pyconvext.lstm_cell", [&] {
-    const CellArgs<scalar_t> args{gates.const_data_ptr<scalar_t>(), c_prev.const_data_ptr<scalar_t>(),
+    cpu::gemm<scalar_t>(input, w_ih.t(), gates, false);
+    cpu::gemm<scalar_t>(hx, w_hh.t(), gates, true);
+    const CellArgs<scalar_t> args{gates.const_data_ptr<scalar_t>(), bias.const_data_ptr<scalar_t>(),
+                                  c_prev.const_data_ptr<scalar_t>(),
                                   workspace.mutable_data_ptr<scalar_t>(), cy.mutable_data_ptr<scalar_t>(),
                                   hy.mutable_data_ptr<scalar_t>(), H, H, 5 * H, H, H, false, H};
     cell_forward(args, g.batch);
@@ -154,8 +155,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_cell_backward_cp
                                       grad_cx.mutable_data_ptr<scalar_t>(), H, 5 * H, H, H, H, H};
     cell_backward(args, g.batch);
   });
-  return {at::mm(grad_gates, w_ih), at::mm(grad_gates, w_hh), grad_cx,
-          at::mm(grad_gates.t(), input), at::mm(grad_gates.t(), hx),
+  Tensor grad_input = at::empty(input.sizes(), input.options());
+  Tensor grad_hx = at::empty(hx.sizes(), input.options());
+  Tensor grad_w_ih = at::empty(w_ih.sizes(), input.options());
+  Tensor grad_w_hh = at::empty(w_hh.sizes(), input.options());
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "pyconvext.lstm_cell_backward", [&] {
+    cpu::gemm<scalar_t>(grad_gates, w_ih, grad_input, false);
+    cpu::gemm<scalar_t>(grad_gates, w_hh, grad_hx, false);
+    cpu::gemm<scalar_t>(grad_gates.t(), input, grad_w_ih, false);
+    cpu::gemm<scalar_t>(grad_gates.t(), hx, grad_w_hh, false);
+  });
+  return {grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh,
           has_bias ? at::sum(grad_gates, 0) : Tensor()};
 }
 
@@ -202,12 +212,14 @@ void for_row_blocks(int64_t batch, Body body) {
   });
 }
 
+// The recurrence of lstm_layer, saving the activations in the workspace
+// when it is defined.
 template <typename T>
 void layer_forward(const LstmLayerGeometry& g, const Tensor& input, const Tensor& w_ih,
-                   const Tensor& w_hh, const std::optional<Tensor>& bias,
+                   const Tensor& w_hh, const Tensor& bias,
                    const std::optional<Tensor>& w_hr, bool reverse, Tensor& output,
-                   Tensor& h_state, Tensor& c_state, Tensor& workspace) {
-  const int64_t H = g.hidden_size, P = g.output_size, G = 4 * H, columns = workspace.size(1);
+                   Tensor& h_state, Tensor& c_state, const Tensor& workspace) {
+  const int64_t H = g.hidden_size, P = g.output_size, G = 4 * H;
   // Groups of a vector of units; a column split runs in blocks of whole
   // panels and whole groups.
   const int64_t group = [] { PYCONVEXT_ISA_CALL(float_lanes); }();
@@ -216,36 +228,38 @@ void layer_forward(const LstmLayerGeometry& g, const Tensor& input, const Tensor
   const std::vector<int64_t> order = grouped_gate_order(H, group);
   Tensor gates = at::empty({g.rows, G}, input.options());
   T* gates_data = gates.mutable_data_ptr<T>();
-  if (bias.has_value()) {
-    const Tensor b = bias->contiguous();
-    std::vector<T> grouped(G);
-    for (int64_t j = 0; j < G; ++j) grouped[j] = b.const_data_ptr<T>()[order[j]];
-    at::parallel_for(0, g.rows, 256, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) std::copy(grouped.begin(), grouped.end(), gates_data + r * G);
-    });
-  }
+  std::vector<T> grouped_bias(G);
+  for (int64_t j = 0; j < G; ++j) grouped_bias[j] = bias.const_data_ptr<T>()[order[j]];
   const Tensor x = input.reshape({g.rows, g.input_size});
   cpu::gemm(g.rows, cpu::matrix_view<T>(x),
             cpu::PackedMatrix<T>(cpu::matrix_view<T>(w_ih).t(), g.input_size, G, order.data()),
-            gates_data, G, bias.has_value());
+            gates_data, G, false);
   const cpu::PackedMatrix<T> w_hh_packed(cpu::matrix_view<T>(w_hh).t(), P, G, order.data());
   std::optional<cpu::PackedMatrix<T>> w_hr_packed;
   if (w_hr.has_value()) w_hr_packed.emplace(cpu::matrix_view<T>(*w_hr).t(), H, P);
   T* h_data = h_state.mutable_data_ptr<T>();
   T* c_data = c_state.mutable_data_ptr<T>();
   T* out_data = output.mutable_data_ptr<T>();
-  T* ws_data = workspace.mutable_data_ptr<T>();
+  T* ws_data = workspace.defined() ? workspace.mutable_data_ptr<T>() : nullptr;
+  const int64_t columns = workspace.defined() ? workspace.size(1) : 0;
+  // With a projection, h before it: in the workspace, else in rows of H.
+  const Tensor h_full = w_hr.has_value() && !workspace.defined()
+      ? at::empty({g.batch, H}, input.options()) : Tensor();
+  const auto projection_input = [&](int64_t first, int64_t r0) -> T* {
+    return ws_data ? ws_data + first * columns + 6 * H : h_full.mutable_data_ptr<T>() + r0 * H;
+  };
+  const int64_t projection_stride = ws_data ? columns : H;
   // Rows [r0, r1) of step t: the recurrent GEMM on panels [p0, p1) and the
   // element-wise step of units [u0, u1).
   const auto step = [&](int64_t t, int64_t r0, int64_t r1, int64_t p0, int64_t p1, int64_t u0,
                         int64_t u1) {
     const int64_t first = g.offsets[t] + r0;
     T* step_gates = gates_data + first * G;
-    T* step_workspace = ws_data + first * columns;
-    // Without a projection h goes to the output, else to the workspace.
-    const CellArgs<T> args{step_gates, c_data + r0 * H, step_workspace, c_data + r0 * H,
-                           w_hr.has_value() ? step_workspace + 6 * H : out_data + first * P,
-                           H, H, columns, H, w_hr.has_value() ? columns : P, true, group};
+    // Without a projection h goes to the output, else to the projection's input.
+    const CellArgs<T> args{step_gates, grouped_bias.data(), c_data + r0 * H,
+                           ws_data ? ws_data + first * columns : nullptr, c_data + r0 * H,
+                           w_hr.has_value() ? projection_input(first, r0) : out_data + first * P,
+                           H, H, columns, H, w_hr.has_value() ? projection_stride : P, true, group};
     cpu::gemm_packed(r1 - r0, {h_data + r0 * P, P, 1}, w_hh_packed, step_gates, G, true, p0, p1);
     PYCONVEXT_ISA_CALL(cell_forward_rows, args, 0, r1 - r0, u0, u1);
   };
@@ -254,7 +268,7 @@ void layer_forward(const LstmLayerGeometry& g, const Tensor& input, const Tensor
   const auto finish = [&](int64_t t, int64_t r0, int64_t r1) {
     const int64_t first = g.offsets[t] + r0;
     if (w_hr_packed.has_value()) {
-      cpu::gemm_packed(r1 - r0, {ws_data + first * columns + 6 * H, columns, 1}, *w_hr_packed,
+      cpu::gemm_packed(r1 - r0, {projection_input(first, r0), projection_stride, 1}, *w_hr_packed,
                        out_data + first * P, P, false, 0, w_hr_packed->panels());
     }
     std::memcpy(h_data + r0 * P, out_data + first * P, (r1 - r0) * P * sizeof(T));
@@ -281,16 +295,19 @@ void layer_forward(const LstmLayerGeometry& g, const Tensor& input, const Tensor
   }
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_layer_cpu(
+// lstm_layer, or lstm_layer_values without save_workspace: (output, hy, cy,
+// workspace or undefined).
+std::tuple<Tensor, Tensor, Tensor, Tensor> layer_cpu(
     const Tensor& input, const Tensor& hx, const Tensor& cx, const Tensor& w_ih,
     const Tensor& w_hh, const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh,
-    const std::optional<Tensor>& w_hr, const std::optional<Tensor>& batch_sizes, bool reverse) {
+    const std::optional<Tensor>& w_hr, const std::optional<Tensor>& batch_sizes, bool reverse,
+    bool save_workspace) {
   const LstmLayerGeometry g =
       check_lstm_layer(input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes);
   at::AutoDispatchBelowADInplaceOrView no_autograd;
-  const std::optional<Tensor> bias =
-      !b_ih.has_value() ? b_hh : !b_hh.has_value() ? b_ih : std::optional<Tensor>(at::add(*b_ih, *b_hh));
-  Tensor workspace = at::empty({g.rows, layer_workspace_columns(g)}, input.options());
+  const Tensor bias = gate_bias(b_ih, b_hh, 4 * g.hidden_size, input.options());
+  const Tensor workspace = save_workspace
+      ? at::empty({g.rows, layer_workspace_columns(g)}, input.options()) : Tensor();
   Tensor output = at::empty({g.rows, g.output_size}, input.options());
   Tensor h_state = hx.clone(at::MemoryFormat::Contiguous);
   Tensor c_state = cx.clone(at::MemoryFormat::Contiguous);
@@ -300,6 +317,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_layer_cpu(
   });
   if (!batch_sizes.has_value()) output = output.view({g.steps, g.batch, g.output_size});
   return {output, h_state, c_state, workspace};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_layer_cpu(
+    const Tensor& input, const Tensor& hx, const Tensor& cx, const Tensor& w_ih,
+    const Tensor& w_hh, const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh,
+    const std::optional<Tensor>& w_hr, const std::optional<Tensor>& batch_sizes, bool reverse) {
+  return layer_cpu(input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, true);
+}
+
+std::tuple<Tensor, Tensor, Tensor> lstm_layer_values_cpu(
+    const Tensor& input, const Tensor& hx, const Tensor& cx, const Tensor& w_ih,
+    const Tensor& w_hh, const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh,
+    const std::optional<Tensor>& w_hr, const std::optional<Tensor>& batch_sizes, bool reverse) {
+  auto [output, hy, cy, workspace] =
+      layer_cpu(input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, false);
+  return {output, hy, cy};
 }
 
 // The recurrence of the backward, in the reverse of the forward's order:
@@ -406,6 +439,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_ba
   Tensor grad_input = at::empty({g.rows, g.input_size}, input.options());
   Tensor grad_w_ih = at::empty(w_ih.sizes(), input.options());
   Tensor grad_w_hh = at::empty(w_hh.sizes(), input.options());
+  Tensor grad_w_hr = w_hr.has_value() ? at::empty(w_hr->sizes(), input.options()) : Tensor();
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "pyconvext.lstm_layer_backward", [&] {
     layer_backward_steps<scalar_t>(g, grad_out, ws, w_hh, w_hr, reverse, grad_gates, grad_h,
                                    grad_c, grad_projected);
@@ -413,6 +447,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_ba
     cpu::gemm<scalar_t>(grad_gates, w_ih, grad_input, false);
     cpu::gemm<scalar_t>(grad_gates.t(), x, grad_w_ih, false);
     cpu::gemm<scalar_t>(grad_gates.t(), h_prev, grad_w_hh, false);
+    if (w_hr.has_value()) cpu::gemm<scalar_t>(grad_projected.t(), ws.narrow(1, 6 * H, H), grad_w_hr, false);
   });
   return {grad_input.view(input.sizes()),
           grad_h,
@@ -420,7 +455,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_ba
           grad_w_ih,
           grad_w_hh,
           has_bias ? at::sum(grad_gates, 0) : Tensor(),
-          w_hr.has_value() ? at::mm(grad_projected.t(), ws.narrow(1, 6 * H, H)) : Tensor()};
+          grad_w_hr};
 }
 
 }  // namespace
@@ -429,6 +464,7 @@ TORCH_LIBRARY_IMPL(pyconvext, CPU, m) {
   m.impl("lstm_cell", &lstm_cell_cpu);
   m.impl("lstm_cell_backward", &lstm_cell_backward_cpu);
   m.impl("lstm_layer", &lstm_layer_cpu);
+  m.impl("lstm_layer_values", &lstm_layer_values_cpu);
   m.impl("lstm_layer_backward", &lstm_layer_backward_cpu);
 }
 

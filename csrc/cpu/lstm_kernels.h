@@ -52,12 +52,14 @@ template <typename T, typename V>
 inline void store_forward(const CellArgs<T>& a, T* ws, T* c, T* h, int64_t u, V i, V f, V g, V o,
                           V c_old, V c_new, V tanh_c) {
   const int64_t H = a.hidden_size;
-  if (a.save_c_prev) simd::store(ws + 5 * H + u, c_old);
-  simd::store(ws + u, i);
-  simd::store(ws + H + u, f);
-  simd::store(ws + 2 * H + u, g);
-  simd::store(ws + 3 * H + u, o);
-  simd::store(ws + 4 * H + u, tanh_c);
+  if (ws != nullptr) {
+    if (a.save_c_prev) simd::store(ws + 5 * H + u, c_old);
+    simd::store(ws + u, i);
+    simd::store(ws + H + u, f);
+    simd::store(ws + 2 * H + u, g);
+    simd::store(ws + 3 * H + u, o);
+    simd::store(ws + 4 * H + u, tanh_c);
+  }
   simd::store(c + u, c_new);
   simd::store(h + u, o * tanh_c);
 }
@@ -65,7 +67,7 @@ inline void store_forward(const CellArgs<T>& a, T* ws, T* c, T* h, int64_t u, V 
 // The forward of rows [begin, end) and hidden units [unit_begin, unit_end)
 // (a whole number of gate groups) of a step: from the gate pre-activations
 // and c_prev, the activations i, f, g, o and tanh(c) into the workspace (and
-// c_prev after them, with save_c_prev), and c and h. c may overwrite c_prev
+// c_prev after them, with save_c_prev) unless it is null, and c and h. c may overwrite c_prev
 // in place.
 template <typename T>
 void cell_forward_rows(const CellArgs<T>& a, int64_t begin, int64_t end, int64_t unit_begin,
@@ -74,31 +76,33 @@ void cell_forward_rows(const CellArgs<T>& a, int64_t begin, int64_t end, int64_t
   constexpr int64_t lanes = activation_lanes<T>();
   for (int64_t b = begin; b < end; ++b) {
     const T* c_prev = a.c_prev + b * a.c_prev_stride;
-    T* ws = a.workspace + b * a.workspace_stride;
+    T* ws = a.workspace != nullptr ? a.workspace + b * a.workspace_stride : nullptr;
     T* c = a.c + b * a.c_stride;
     T* h = a.h + b * a.h_stride;
     for (int64_t u0 = unit_begin; u0 < unit_end; u0 += a.group) {
       const int64_t w = std::min(a.group, H - u0);
       const T* gates = a.gates + b * 4 * H + 4 * u0;
+      const T* bias = a.bias + 4 * u0;
       int64_t j = 0;
       if constexpr (lanes > 1) {
         using V = simd::Vec<T, lanes * sizeof(T)>;
         for (; j + lanes <= w; j += lanes) {
           V i, f, g, o, c_new, tanh_c;
           const V c_old = simd::load<V>(c_prev + u0 + j);
-          lstm_forward_element<VectorActivations<V>>(
-              simd::load<V>(gates + j), simd::load<V>(gates + w + j),
-              simd::load<V>(gates + 2 * w + j), simd::load<V>(gates + 3 * w + j), c_old, i, f, g,
-              o, c_new, tanh_c);
+          const auto gate = [&](int64_t k) {
+            return simd::load<V>(gates + k * w + j) + simd::load<V>(bias + k * w + j);
+          };
+          lstm_forward_element<VectorActivations<V>>(gate(0), gate(1), gate(2), gate(3), c_old, i,
+                                                     f, g, o, c_new, tanh_c);
           store_forward(a, ws, c, h, u0 + j, i, f, g, o, c_old, c_new, tanh_c);
         }
       }
       for (; j < w; ++j) {
         T i, f, g, o, c_new, tanh_c;
         const T c_old = c_prev[u0 + j];
-        lstm_forward_element<ScalarActivations<T>>(gates[j], gates[w + j], gates[2 * w + j],
-                                                    gates[3 * w + j], c_old, i, f, g, o, c_new,
-                                                    tanh_c);
+        lstm_forward_element<ScalarActivations<T>>(
+            gates[j] + bias[j], gates[w + j] + bias[w + j], gates[2 * w + j] + bias[2 * w + j],
+            gates[3 * w + j] + bias[3 * w + j], c_old, i, f, g, o, c_new, tanh_c);
         store_forward(a, ws, c, h, u0 + j, i, f, g, o, c_old, c_new, tanh_c);
       }
     }
