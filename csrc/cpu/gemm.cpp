@@ -132,11 +132,14 @@ void gemm_packed(int64_t m, const MatrixView<T>& a, const PackedMatrix<T>& b, T*
                  bool accumulate, int64_t panel_begin, int64_t panel_end) {
   T* sliver = thread_buffer<T>(0, kTileRowsMax * kDepthBlock);
   const int64_t k = b.rows(), width = b.panel_width();
-  for (int64_t k0 = 0; k0 < k; k0 += kDepthBlock) {
-    const int64_t depth = std::min(kDepthBlock, k - k0);
-    const T* panels = b.block(k0 / kDepthBlock) + panel_begin * depth * width;
-    gemm_block_isa(m, a, k0, depth, panels, panel_begin, panel_end, b.cols(), c, ldc,
-                   accumulate || k0 > 0, sliver);
+  const int64_t chunk = std::max<int64_t>(1, kChunkBytes / (kDepthBlock * width * sizeof(T)));
+  for (int64_t q0 = panel_begin; q0 < panel_end; q0 += chunk) {
+    const int64_t q1 = std::min(panel_end, q0 + chunk);
+    for (int64_t k0 = 0; k0 < k; k0 += kDepthBlock) {
+      const int64_t depth = std::min(kDepthBlock, k - k0);
+      const T* panels = b.block(k0 / kDepthBlock) + q0 * depth * width;
+      gemm_block_isa(m, a, k0, depth, panels, q0, q1, b.cols(), c, ldc, accumulate || k0 > 0, sliver);
+    }
   }
 }
 
