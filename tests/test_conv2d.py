@@ -564,3 +564,25 @@ def test_columns_path_float32(gen):
     grad_out = random_grad_out(gen, x, w, b, kwargs)
     for got, want in zip(run(P.conv2d, x, w, b, grad_out, kwargs), reference(x, w, b, grad_out, kwargs)):
         assert_close(got, want)
+
+
+# Pointwise convolutions of one image are plain GEMMs (ours, cpu/gemm.h):
+# out (M x N) = W (M x K) x (K x N); grad_input = W^T grad_out, grad_weight =
+# grad_out x^T. These shapes reach every edge of the GEMM: rows beyond whole
+# register tiles (8 with AVX-512, 6 otherwise), columns beyond whole panels,
+# depths over its blocks of 256, more panels than a thread keeps in L2 at
+# once, threads splitting rows or columns, and one-element sides.
+GEMM_SHAPES = [(1, 1, 1), (7, 300, 70), (9, 513, 600), (300, 20, 5), (17, 257, 1100), (64, 8, 3000)]
+
+
+@pytest.mark.parametrize("m, k, n", GEMM_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_pointwise_gemm_shapes(gen, m, k, n, dtype):
+    """Small integers: every product and sum is exact in either dtype, so each
+    element must equal native's exactly, whatever order the sums take."""
+    def ints(*shape):
+        return torch.randint(-4, 5, shape, generator=gen).to(dtype)
+
+    x, w, b, grad_out = ints(1, k, 1, n), ints(m, k, 1, 1), ints(m), ints(1, m, 1, n)
+    for got, want in zip(run(P.conv2d, x, w, b, grad_out, {}), run(F.conv2d, x, w, b, grad_out, {})):
+        assert_close(got, want, rtol=0, atol=0)

@@ -1,8 +1,9 @@
-// CPU kernels for pyconvext::lstm_cell, lstm_layer and their backwards.
+// CPU kernels for pyconvext::lstm_cell, lstm_layer (and lstm_layer_values)
+// and their backwards.
 //
-// A step is two matrix products (ATen's GEMM: the input and the recurrent
-// projections, accumulated into one gates buffer with the biases) and one
-// fused element-wise pass (common/lstm.h: activations, cell update, hidden
+// A step is two matrix products (our GEMM, cpu/gemm.h: the input and the
+// recurrent projections, accumulated into one gates buffer) and one fused
+// element-wise pass (common/lstm.h: bias, activations, cell update, hidden
 // state, and the activations saved for the backward, in one read of the
 // gates). The backward mirrors it: one fused pass from the saved activations
 // to the gradients of the gate pre-activations, then GEMMs for the input,
@@ -11,8 +12,10 @@
 // A whole sequence (lstm_layer) projects the inputs of all steps in one GEMM
 // before the recurrence, so that each step is one recurrent GEMM (plus the
 // projection's, with proj_size) and one fused pass; its backward computes
-// the input and weight gradients as one GEMM over all steps after it.
-// Packed sequences run each step on its first batch_sizes[t] rows.
+// the input and weight gradients as one GEMM over all steps after it. The
+// weights are packed for the GEMM once per sequence. lstm_layer_values, for
+// inference, saves no activations. Packed sequences run each step on its
+// first batch_sizes[t] rows.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
