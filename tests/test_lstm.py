@@ -347,6 +347,19 @@ def test_lstm_values_operator(gen):
     torch.library.opcheck(OPS.lstm_layer_values.default, [t.detach() if isinstance(t, torch.Tensor) else t for t in args])
 
 
+def test_operators_with_empty_input_features(gen):
+    """input_size 0 (which the modules refuse, the operators take): the gates
+    come from the state and the biases alone."""
+    x, h, c = randn(gen, 3, 2, 0), randn(gen, 2, 5), randn(gen, 2, 5)
+    w_ih, w_hh, b = randn(gen, 20, 0), randn(gen, 20, 5), randn(gen, 20)
+    want = torch.lstm(x, (h[None], c[None]), [w_ih, w_hh, b, b], True, 1, 0.0, False, False, False)
+    for op in (OPS.lstm_layer, OPS.lstm_layer_values):
+        out, hy, cy = op(x, h, c, w_ih, w_hh, b, b, None, None, False)[:3]
+        assert_close((out, hy, cy), (want[0], want[1][0], want[2][0]))
+    hy, cy, _ = OPS.lstm_cell(x[0], h, c, w_ih, w_hh, b, b)
+    assert_close((hy, cy), torch.lstm_cell(x[0], (h, c), w_ih, w_hh, b, b))
+
+
 def test_lstm_batchless_input(gen):
     native, ours = lstms(gen, 5, 6, num_layers=2, bidirectional=True)
     x = randn(gen, 7, 5)

@@ -132,6 +132,10 @@ void gemm_packed(int64_t m, const MatrixView<T>& a, const PackedMatrix<T>& b, T*
                  bool accumulate, int64_t panel_begin, int64_t panel_end) {
   T* sliver = thread_buffer<T>(0, kTileRowsMax * kDepthBlock);
   const int64_t k = b.rows(), width = b.panel_width();
+  if (k == 0 && !accumulate) {
+    const int64_t j0 = panel_begin * width, j1 = std::min(b.cols(), panel_end * width);
+    for (int64_t i = 0; i < m; ++i) std::fill(c + i * ldc + j0, c + i * ldc + j1, T(0));
+  }
   const int64_t chunk = std::max<int64_t>(1, kChunkBytes / (kDepthBlock * width * sizeof(T)));
   for (int64_t q0 = panel_begin; q0 < panel_end; q0 += chunk) {
     const int64_t q1 = std::min(panel_end, q0 + chunk);
