@@ -75,6 +75,12 @@ TORCH_LIBRARY(pyconvext, m) {
 
 namespace {
 
+// The operator `name`, typed as its autograd kernel F, to call below autograd.
+template <typename F>
+c10::TypedOperatorHandle<F> typed_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<F>();
+}
+
 // max_pool2d_values has no gradient (its backward would need the indices it
 // does not compute). Its autograd kernel refuses an input that needs one and
 // otherwise goes straight on to the CPU or CUDA kernel; in C++ it costs a
@@ -86,11 +92,7 @@ at::Tensor max_pool2d_values_autograd(const at::Tensor& input, c10::IntArrayRef 
               "pyconvext.max_pool2d_values: the input requires grad, but this operator has no "
               "gradient; use pyconvext::max_pool2d, which returns the indices its backward needs "
               "(pyconvext.functional.max_pool2d chooses it by itself)");
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("pyconvext::max_pool2d_values", "")
-          .typed<at::Tensor(const at::Tensor&, c10::IntArrayRef, c10::IntArrayRef,
-                            c10::IntArrayRef, c10::IntArrayRef, bool)>();
+  static const auto op = typed_op<decltype(max_pool2d_values_autograd)>("pyconvext::max_pool2d_values");
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   return op.call(input, kernel_size, stride, padding, dilation, ceil_mode);
 }
@@ -109,13 +111,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_values_autograd(
               "pyconvext.lstm_layer_values: an argument requires grad, but this operator has no "
               "gradient; use pyconvext::lstm_layer, which saves what its backward needs "
               "(pyconvext.functional.lstm chooses it by itself)");
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("pyconvext::lstm_layer_values", "")
-          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-              const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-              const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool)>();
+  static const auto op = typed_op<decltype(lstm_layer_values_autograd)>("pyconvext::lstm_layer_values");
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   return op.call(input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse);
 }

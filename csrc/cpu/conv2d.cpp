@@ -7,7 +7,7 @@
 //    unit-stride convolutions and the weight gradient, register-tiled and
 //    vectorized over output pixels ("virtual pixels" below), compiled for each
 //    instruction set (cpu/simd.h).
-//  * ATen's GEMM, where the data need no rearranging: 1x1 unit-stride
+//  * Our GEMM (cpu/gemm.h), where the data need no rearranging: 1x1 unit-stride
 //    convolutions, and the input gradient of strided convolutions (a GEMM,
 //    then our col2im); and on our im2col columns for small output planes
 //    with many channels.
@@ -17,9 +17,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/core/LegacyTypeDispatch.h>
-#include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -466,7 +464,7 @@ void grad_weight_direct(const Tensor& grad_out, const Tensor& x, const Conv2dGeo
 }
 
 // ---------------------------------------------------------------------------
-// Matrix products with ATen's GEMM, where the data need no rearranging:
+// Matrix products with our GEMM, where the data need no rearranging:
 // 1x1 convolutions with unit stride and no padding, and the input gradient of
 // strided convolutions (a GEMM, then our col2im).
 
@@ -651,10 +649,10 @@ void grad_input_col2im(const Tensor& grad_out, const Tensor& w, const Conv2dGeom
 // Convolutions with small output planes and many channels (the late layers
 // of ResNets) leave the direct kernel's tiles mostly empty. They run as GEMMs
 // over the columns of a chunk of images at once: out = W cols,
-// grad_weight = grad_out cols^T, grad_input = col2im(W^T grad_out). ATen's
-// GEMM runs at ~150 GFLOP/s on 2 Zen 4 cores, below the direct kernel on
-// larger planes, so (as measured on ResNet-18's layers) the forward takes
-// this path up to 4x4 output planes and the backward up to 7x7.
+// grad_weight = grad_out cols^T, grad_input = col2im(W^T grad_out). On
+// larger planes the im2col copies cost more than the direct kernel loses, so
+// (as measured on ResNet-18's layers) the forward takes this path up to 4x4
+// output planes and the backward up to 7x7.
 constexpr int64_t kColumnsForwardMaxPlane = 16, kColumnsBackwardMaxPlane = 49;
 constexpr int64_t kColumnsMinRows = 64;  // channels x taps of a group
 constexpr int64_t kColumnsMaxElements = int64_t(1) << 22;  // per chunk: 16 MB in float32

@@ -23,6 +23,11 @@ constexpr int64_t kTileRowsMax = 8;  // at least any ISA's kTileRows
 // Packed panels of one depth block that a thread keeps in its L2 cache.
 constexpr int64_t kChunkBytes = 512 * 1024;
 
+template <typename T>
+int64_t chunk_panels(int64_t width) {
+  return std::max<int64_t>(1, kChunkBytes / (kDepthBlock * width * static_cast<int64_t>(sizeof(T))));
+}
+
 }  // namespace
 
 template <typename T>
@@ -62,7 +67,7 @@ template <typename T>
 void gemm_panels(int64_t m, int64_t n, int64_t k, const MatrixView<T>& a, const MatrixView<T>& b,
                  T* c, int64_t ldc, bool accumulate, int64_t panel_begin, int64_t panel_end) {
   const int64_t width = gemm_panel_width<T>();
-  const int64_t chunk = std::max<int64_t>(1, kChunkBytes / (kDepthBlock * width * sizeof(T)));
+  const int64_t chunk = chunk_panels<T>(width);
   T* sliver = thread_buffer<T>(0, kTileRowsMax * kDepthBlock);
   for (int64_t q0 = panel_begin; q0 < panel_end; q0 += chunk) {
     const int64_t q1 = std::min(panel_end, q0 + chunk);
@@ -136,7 +141,7 @@ void gemm_packed(int64_t m, const MatrixView<T>& a, const PackedMatrix<T>& b, T*
     const int64_t j0 = panel_begin * width, j1 = std::min(b.cols(), panel_end * width);
     for (int64_t i = 0; i < m; ++i) std::fill(c + i * ldc + j0, c + i * ldc + j1, T(0));
   }
-  const int64_t chunk = std::max<int64_t>(1, kChunkBytes / (kDepthBlock * width * sizeof(T)));
+  const int64_t chunk = chunk_panels<T>(width);
   for (int64_t q0 = panel_begin; q0 < panel_end; q0 += chunk) {
     const int64_t q1 = std::min(panel_end, q0 + chunk);
     for (int64_t k0 = 0; k0 < k; k0 += kDepthBlock) {

