@@ -586,3 +586,36 @@ def test_pointwise_gemm_shapes(gen, m, k, n, dtype):
     x, w, b, grad_out = ints(1, k, 1, n), ints(m, k, 1, 1), ints(m), ints(1, m, 1, n)
     for got, want in zip(run(P.conv2d, x, w, b, grad_out, {}), run(F.conv2d, x, w, b, grad_out, {})):
         assert_close(got, want, rtol=0, atol=0)
+
+
+# The batch tiles (batches of 8 and more, 16 and more channels per group):
+# images as the rows of an implicit GEMM, one output pixel per tile, taps in
+# the padding skipped; the input gradient of unit-stride convolutions runs on
+# them too, with the kernel flipped in the packing. Batches beyond one tile of
+# rows (12 with AVX-512, 6 otherwise), channel counts beyond whole panels of
+# 2 vectors, groups, strides, dilations, padding wider than the kernel (whose
+# input gradient is not a convolution), and planes small enough for the
+# columns path's weight gradient.
+BATCH_TILE_CASES = [
+    ((8, 16, 9, 8), (40, 16, 3, 3), {"padding": 1}),
+    ((13, 24, 7, 7), (33, 24, 3, 3), {"padding": 1}),
+    ((25, 16, 6, 5), (16, 16, 3, 3), {"stride": 2, "padding": 1}),
+    ((9, 24, 8, 9), (25, 24, 2, 3), {"stride": (1, 2), "padding": (0, 2), "dilation": (2, 1)}),
+    ((8, 16, 5, 5), (48, 16, 3, 3), {"padding": 3}),
+    ((10, 32, 6, 6), (40, 16, 3, 3), {"groups": 2, "padding": 1}),
+    ((8, 64, 4, 4), (70, 64, 3, 3), {"padding": 1}),
+    ((8, 16, 1, 1), (32, 16, 3, 3), {"padding": 1}),
+]
+
+
+@pytest.mark.parametrize("input_shape,weight_shape,kwargs", BATCH_TILE_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_batch_tiles(gen, input_shape, weight_shape, kwargs, dtype):
+    """Small integers: every sum is exact, so each element must equal native's."""
+    def ints(*shape):
+        return torch.randint(-4, 5, shape, generator=gen).to(dtype)
+
+    x, w, b = ints(*input_shape), ints(*weight_shape), ints(weight_shape[0])
+    grad_out = ints(*F.conv2d(x, w, b, **kwargs).shape)
+    for got, want in zip(run(P.conv2d, x, w, b, grad_out, kwargs), run(F.conv2d, x, w, b, grad_out, kwargs)):
+        assert_close(got, want, rtol=0, atol=0)

@@ -17,29 +17,6 @@ int64_t panel_width() {
   return kPanelWidth<T>;
 }
 
-// Transposes a square block of vectors in place: rounds D = lanes / 2, ...,
-// 1, each swapping the off-diagonal D x D quarters of every 2D x 2D block.
-template <int D, typename Vec>
-[[gnu::always_inline]] inline void transpose_block(Vec* rows) {
-  using T = std::remove_reference_t<decltype(rows[0][0])>;
-  using Index = simd::Vec<std::conditional_t<sizeof(T) == 4, int32_t, int64_t>, sizeof(Vec)>;
-  constexpr int lanes = sizeof(Vec) / sizeof(T);
-  Index first, second;  // lanes of (row i, row i + D), numbered 0.. and lanes..
-#pragma GCC unroll 16
-  for (int c = 0; c < lanes; ++c) {
-    first[c] = c & D ? lanes + c - D : c;
-    second[c] = c & D ? lanes + c : c + D;
-  }
-#pragma GCC unroll 16
-  for (int i = 0; i < lanes; ++i) {
-    if (i & D) continue;
-    const Vec a = rows[i], b = rows[i + D];
-    rows[i] = __builtin_shuffle(a, b, first);
-    rows[i + D] = __builtin_shuffle(a, b, second);
-  }
-  if constexpr (D > 1) transpose_block<D / 2>(rows);
-}
-
 // Packs B(k0 + p, column j0 + j) for p < depth and j < count as
 // panel[p][j], zero up to kPanelWidth; with `order`, B's column order[j0 + j].
 template <typename T>
@@ -66,7 +43,7 @@ void pack_b_panel(const MatrixView<T>& b, int64_t k0, int64_t depth, int64_t j0,
         for (int64_t r = 0; r < lanes; ++r) {
           rows[r] = v + r < count ? simd::load<Vec>(src[v + r] + p0) : Vec{};
         }
-        transpose_block<lanes / 2>(rows);
+        simd::transpose_block<lanes / 2>(rows);
 #pragma GCC unroll 16
         for (int64_t r = 0; r < lanes; ++r) simd::store(panel + (p0 + r) * width + v, rows[r]);
       }
@@ -99,7 +76,7 @@ void pack_a_sliver(const MatrixView<T>& a, int64_t i0, int64_t rows, int64_t k0,
         Vec block[kTileRows];
 #pragma GCC unroll 8
         for (int r = 0; r < kTileRows; ++r) block[r] = simd::load<Vec>(src + r * a.row_stride + p0);
-        transpose_block<kTileRows / 2>(block);
+        simd::transpose_block<kTileRows / 2>(block);
 #pragma GCC unroll 8
         for (int r = 0; r < kTileRows; ++r) simd::store(sliver + (p0 + r) * kTileRows, block[r]);
       }

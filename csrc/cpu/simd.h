@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 namespace pyconvext::simd {
 
@@ -32,6 +33,29 @@ template <typename V, typename T>
 template <typename V, typename T>
 [[gnu::always_inline]] inline void store(T* p, const V& v) {
   std::memcpy(p, &v, sizeof(V));
+}
+
+// Transposes a square block of vectors in place: rounds D = lanes / 2, ...,
+// 1, each swapping the off-diagonal D x D quarters of every 2D x 2D block.
+template <int D, typename V>
+[[gnu::always_inline]] inline void transpose_block(V* rows) {
+  using T = std::remove_reference_t<decltype(rows[0][0])>;
+  using Index = Vec<std::conditional_t<sizeof(T) == 4, int32_t, int64_t>, sizeof(V)>;
+  constexpr int lanes = sizeof(V) / sizeof(T);
+  Index first, second;  // lanes of (row i, row i + D), numbered 0.. and lanes..
+#pragma GCC unroll 16
+  for (int c = 0; c < lanes; ++c) {
+    first[c] = c & D ? lanes + c - D : c;
+    second[c] = c & D ? lanes + c : c + D;
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < lanes; ++i) {
+    if (i & D) continue;
+    const V a = rows[i], b = rows[i + D];
+    rows[i] = __builtin_shuffle(a, b, first);
+    rows[i + D] = __builtin_shuffle(a, b, second);
+  }
+  if constexpr (D > 1) transpose_block<D / 2>(rows);
 }
 
 enum class Isa { Baseline, Avx2, Avx512 };
