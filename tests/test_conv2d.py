@@ -591,16 +591,19 @@ def test_pointwise_gemm_shapes(gen, m, k, n, dtype):
 # The batch tiles (batches of 8 and more, 16 and more channels per group):
 # images as the rows of an implicit GEMM, one output pixel per tile, taps in
 # the padding skipped; the input gradient of unit-stride convolutions runs on
-# them too, with the kernel flipped in the packing. Batches beyond one tile of
-# rows (12 with AVX-512, 6 otherwise), channel counts beyond whole panels of
-# 2 vectors, groups, strides, dilations, padding wider than the kernel (whose
-# input gradient is not a convolution), and planes small enough for the
-# columns path's weight gradient.
+# them too, with the kernel flipped in the packing, and the weight gradient
+# on planes of 5x5 to 16x16, with input channels as rows. Batches beyond one
+# tile of rows (12 with AVX-512, 6 otherwise), channel counts beyond whole
+# panels of 2 vectors or blocks of rows, groups, strides, dilations, padding
+# wider than the kernel (whose input gradient is not a convolution), and
+# planes small enough for the columns path's weight gradient.
 BATCH_TILE_CASES = [
     ((8, 16, 9, 8), (40, 16, 3, 3), {"padding": 1}),
     ((13, 24, 7, 7), (33, 24, 3, 3), {"padding": 1}),
     ((25, 16, 6, 5), (16, 16, 3, 3), {"stride": 2, "padding": 1}),
     ((9, 24, 8, 9), (25, 24, 2, 3), {"stride": (1, 2), "padding": (0, 2), "dilation": (2, 1)}),
+    ((8, 24, 9, 8), (24, 24, 3, 2), {"padding": (2, 1), "dilation": (2, 3)}),
+    ((8, 41, 7, 6), (36, 41, 3, 3), {"padding": 1}),
     ((8, 16, 5, 5), (48, 16, 3, 3), {"padding": 3}),
     ((10, 32, 6, 6), (40, 16, 3, 3), {"groups": 2, "padding": 1}),
     ((8, 64, 4, 4), (70, 64, 3, 3), {"padding": 1}),

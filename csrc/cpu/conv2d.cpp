@@ -479,6 +479,24 @@ int64_t vector_bytes() {
   }
 }
 
+// The input x of geometry g as [h][w][channel][image], the batch tiles'
+// layout.
+template <typename T>
+Tensor images_inner(const Tensor& x, const Conv2dGeometry& g) {
+  const int64_t pixels = g.in_h * g.in_w, column = g.in_channels * g.batch;
+  Tensor result = at::empty({pixels * column}, x.options());
+  const T* src = x.const_data_ptr<T>();
+  T* dst = result.mutable_data_ptr<T>();
+  at::parallel_for(0, pixels, grain_for(column), [&](int64_t begin, int64_t end) {
+    for (int64_t e = begin; e < end; ++e) {
+      for (int64_t c = 0; c < g.in_channels; ++c) {
+        for (int64_t n = 0; n < g.batch; ++n) dst[e * column + c * g.batch + n] = src[(n * g.in_channels + c) * pixels + e];
+      }
+    }
+  });
+  return result;
+}
+
 // Whether the batch tiles serve a convolution: enough images to fill a tile's
 // rows, enough input channels per tap to amortize the tap loops (stems with
 // 3 input channels run faster on the pixel tiles), and enough depth per tile
@@ -497,18 +515,8 @@ void batch_tiles(const Tensor& x, const Tensor& w, const std::optional<Tensor>& 
                  const Conv2dGeometry& g, bool transposed, Tensor& out) {
   const int64_t width = 2 * vector_bytes() / int64_t(sizeof(T)), panels = ceil_div(g.out_per_group(), width);
   const int64_t max_rows = vector_bytes() == 64 ? kBatchTileRows<64> : kBatchTileRows<32>;
-  Tensor transposed_input = at::empty({g.in_h * g.in_w * g.in_channels * g.batch}, x.options());
-  const T* x_data = x.const_data_ptr<T>();
-  T* t_data = transposed_input.mutable_data_ptr<T>();
-  const int64_t pixels = g.in_h * g.in_w, column = g.in_channels * g.batch;
-  at::parallel_for(0, pixels, grain_for(column), [&](int64_t begin, int64_t end) {
-    for (int64_t e = begin; e < end; ++e) {
-      T* dst = t_data + e * column;
-      for (int64_t c = 0; c < g.in_channels; ++c) {
-        for (int64_t n = 0; n < g.batch; ++n) dst[c * g.batch + n] = x_data[(n * g.in_channels + c) * pixels + e];
-      }
-    }
-  });
+  const Tensor transposed_input = images_inner<T>(x, g);
+  const T* t_data = transposed_input.const_data_ptr<T>();
   const BatchTileArgs<T> args{t_data, w.const_data_ptr<T>(), bias.has_value() ? bias->const_data_ptr<T>() : nullptr,
                               out.mutable_data_ptr<T>(), &g, transposed, panels, ceil_div(g.batch, max_rows)};
   const int64_t units = g.groups * panels, depth = g.in_per_group() * g.kernel_h * g.kernel_w;
@@ -522,6 +530,138 @@ void batch_tiles(const Tensor& x, const Tensor& w, const std::optional<Tensor>& 
                           split.end(s));
     }
   });
+}
+
+// The weight gradient on the batch tiles' layouts: grad_weight[k][c][tap] is
+// the sum over images and output pixels of grad_output[n][k][pixel] times the
+// input the tap reads for that pixel. An implicit GEMM whose rows are input
+// channels (of one tap), columns output channels, and depth (pixel, image):
+// grad_output as [group][panel][pixel][image][width], so that a step loads
+// the 2 vectors of output channels of its panel from one stream, and the input as [h][w][channel][image], so that the
+// tile's channels of one image are broadcast from one cache line or two.
+// Pixels whose tap falls into the padding are skipped.
+template <typename T>
+struct BatchWeightGradArgs {
+  const T* input;     // [in_h][in_w][in_channels][batch]
+  const T* grad_out;  // [groups][panels][out_h * out_w][batch][width], zero past out_per_group
+  T* grad_weight;     // [out_channels][in_per_group][taps]
+  const Conv2dGeometry* g;
+  int64_t panels;
+  Blocks channel_blocks;  // per group
+};
+
+// Input channels per weight-gradient tile of 2 vectors of output channels.
+template <int Bytes>
+constexpr int kWeightGradRows = Bytes == 64 ? 12 : 6;
+
+// Adds the sums over output rows [oh_begin, oh_end) of one tile to grad_weight.
+template <typename V, typename T, int Rows>
+[[gnu::always_inline]] inline void batch_weight_grad_tile(const BatchWeightGradArgs<T>& a, int64_t grp, int64_t k0,
+                                                          int64_t count, int64_t c0, int64_t i, int64_t j,
+                                                          int64_t oh_begin, int64_t oh_end) {
+  constexpr int lanes = sizeof(V) / sizeof(T);
+  const Conv2dGeometry& g = *a.g;
+  const int64_t batch = g.batch;
+  V acc[Rows][2];
+  for (int r = 0; r < Rows; ++r) acc[r][0] = acc[r][1] = V{};
+  const Span rows = valid_outputs(g.out_h, g.in_h, g.stride_h, i * g.dil_h - g.pad_h);
+  const Span cols = valid_outputs(g.out_w, g.in_w, g.stride_w, j * g.dil_w - g.pad_w);
+  for (int64_t oh = std::max(rows.lo, oh_begin); oh < std::min(rows.hi, oh_end); ++oh) {
+    const int64_t ih = oh * g.stride_h + i * g.dil_h - g.pad_h;
+    for (int64_t ow = cols.lo; ow < cols.hi; ++ow) {
+      const int64_t iw = ow * g.stride_w + j * g.dil_w - g.pad_w;
+      const T* go = a.grad_out + ((grp * a.panels + k0 / (2 * lanes)) * g.out_h * g.out_w + oh * g.out_w + ow) * batch * 2 * lanes;
+      const T* x = a.input + ((ih * g.in_w + iw) * g.in_channels + grp * g.in_per_group() + c0) * batch;
+      for (int64_t n = 0; n < batch; ++n, go += 2 * lanes, ++x) {
+        const V g0 = simd::load<V>(go), g1 = simd::load<V>(go + lanes);
+        for (int r = 0; r < Rows; ++r) {
+          const T v = x[r * batch];
+          acc[r][0] += g0 * v;
+          acc[r][1] += g1 * v;
+        }
+      }
+    }
+  }
+  const int64_t taps = g.kernel_h * g.kernel_w;
+  T* out = a.grad_weight + ((grp * g.out_per_group() + k0) * g.in_per_group() + c0) * taps + i * g.kernel_w + j;
+  for (int r = 0; r < Rows; ++r) {
+    T sums[2 * lanes];
+    simd::store(sums, acc[r][0]);
+    simd::store(sums + lanes, acc[r][1]);
+    for (int64_t k = 0; k < count; ++k) out[(k * g.in_per_group() + r) * taps] += sums[k];
+  }
+}
+
+// Output rows per chunk of the weight-gradient tiles: a thread runs all its
+// tiles over a chunk of about kWeightGradChunk pixels, whose grad_output and
+// input stay in its L2 cache meanwhile, before the next chunk.
+constexpr int64_t kWeightGradChunk = 64;
+
+struct BatchWeightGradTiles {
+  // Adds tiles [begin, end) to grad_weight: tile = ((group * panels + panel)
+  // * taps + tap) * channel_blocks + block.
+  template <int Bytes, typename T>
+  [[gnu::always_inline]] void operator()(const BatchWeightGradArgs<T>* args, int64_t begin, int64_t end) const {
+    using V = simd::Vec<T, Bytes>;
+    constexpr int64_t width = 2 * Bytes / sizeof(T), max_rows = kWeightGradRows<Bytes>;
+    const BatchWeightGradArgs<T>& a = *args;
+    const Conv2dGeometry& g = *a.g;
+    const int64_t taps = g.kernel_h * g.kernel_w;
+    const int64_t chunk = std::max<int64_t>(1, kWeightGradChunk / g.out_w);
+    for (int64_t oh0 = 0; oh0 < g.out_h; oh0 += chunk)
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t blocks = a.channel_blocks.count, block = t % blocks, tap = t / blocks % taps;
+      const int64_t panel = t / blocks / taps % a.panels, grp = t / blocks / taps / a.panels;
+      const int64_t k0 = panel * width, count = std::min(width, g.out_per_group() - k0);
+      const int64_t c0 = a.channel_blocks.start(block), rows = a.channel_blocks.length(block);
+      const int64_t i = tap / g.kernel_w, j = tap % g.kernel_w;
+      switch (rows) {
+#define PYCONVEXT_ROWS_CASE(R) \
+  case R: if constexpr (R <= max_rows) batch_weight_grad_tile<V, T, R>(a, grp, k0, count, c0, i, j, oh0, oh0 + chunk); break;
+        PYCONVEXT_ROWS_CASE(1) PYCONVEXT_ROWS_CASE(2) PYCONVEXT_ROWS_CASE(3) PYCONVEXT_ROWS_CASE(4)
+        PYCONVEXT_ROWS_CASE(5) PYCONVEXT_ROWS_CASE(6) PYCONVEXT_ROWS_CASE(7) PYCONVEXT_ROWS_CASE(8)
+        PYCONVEXT_ROWS_CASE(9) PYCONVEXT_ROWS_CASE(10) PYCONVEXT_ROWS_CASE(11) PYCONVEXT_ROWS_CASE(12)
+#undef PYCONVEXT_ROWS_CASE
+      }
+    }
+  }
+};
+PYCONVEXT_DISPATCH_ISA(batch_weight_grad_tiles, BatchWeightGradTiles)
+
+// Whether the weight gradient runs on the batch tiles: as for the forward,
+// and on output planes from 5x5 to 16x16. Larger planes' grad_output and
+// input outgrow L2, and the direct kernel is faster there; on smaller ones
+// each tile's sums are short, and the columns' GEMM is faster (as measured on
+// the layers of ResNets).
+bool use_batch_weight_grad(const Conv2dGeometry& g) {
+  const int64_t plane = g.out_h * g.out_w;
+  return g.batch >= 8 && g.in_per_group() >= 16 && g.out_per_group() >= vector_bytes() / 4 && plane > 16 &&
+         plane <= 256;
+}
+
+template <typename T>
+void grad_weight_batch_tiles(const Tensor& grad_out, const Tensor& x, const Conv2dGeometry& g, Tensor& grad_weight) {
+  const int64_t width = 2 * vector_bytes() / int64_t(sizeof(T));
+  const int64_t max_rows = vector_bytes() == 64 ? kWeightGradRows<64> : kWeightGradRows<32>;
+  const Tensor input = images_inner<T>(x, g);
+  const int64_t panels = ceil_div(g.out_per_group(), width), plane = g.out_h * g.out_w;
+  Tensor go = at::empty({g.groups * panels * plane * g.batch * width}, grad_out.options());
+  const T* go_data = grad_out.const_data_ptr<T>();
+  T* go_panels = go.mutable_data_ptr<T>();
+  at::parallel_for(0, g.groups * panels * plane, grain_for(g.batch * width), [&](int64_t begin, int64_t end) {
+    for (int64_t e = begin; e < end; ++e) {  // e = (group * panels + panel) * plane + pixel
+      const int64_t k0 = e / plane / panels * g.out_per_group() + e / plane % panels * width;
+      const int64_t count = std::min(width, (e / plane / panels + 1) * g.out_per_group() - k0);
+      for (int64_t n = 0; n < g.batch; ++n) {
+        T* dst = go_panels + (e * g.batch + n) * width;
+        for (int64_t j = 0; j < width; ++j) dst[j] = j < count ? go_data[(n * g.out_channels + k0 + j) * plane + e % plane] : T(0);
+      }
+    }
+  });
+  const BatchWeightGradArgs<T> args{input.const_data_ptr<T>(), go_panels, grad_weight.mutable_data_ptr<T>(), &g,
+                                    panels, split_blocks(g.in_per_group(), max_rows)};
+  const int64_t tiles = g.groups * panels * g.kernel_h * g.kernel_w * args.channel_blocks.count;
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) { batch_weight_grad_tiles(&args, begin, end); });
 }
 
 template <typename T>
@@ -1045,17 +1185,24 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_backward_cpu(
       if (is_pointwise(g)) {
         backward_pointwise<scalar_t>(go, x, w, g, grad_input, grad_weight);
       } else {
+        // Each gradient on the first that serves it of: the batch tiles, the
+        // columns (small planes), the direct kernels.
         const bool columns = use_columns(g, kColumnsBackwardMaxPlane);
-        // The columns serve grad_input only where the batch tiles do not.
-        const bool input_by_columns = columns && !(grad_input_is_convolution(g) && use_batch_tiles(grad_input_geometry(g)));
-        Tensor columns_input = input_by_columns ? grad_input : Tensor();
-        if (columns) {
+        const bool input_by_batch = grad_input_is_convolution(g) && use_batch_tiles(grad_input_geometry(g));
+        Tensor columns_input = columns && !input_by_batch ? grad_input : Tensor();
+        Tensor columns_weight = columns && !use_batch_weight_grad(g) ? grad_weight : Tensor();
+        if (columns_input.defined() || columns_weight.defined()) {
           if (columns_input.defined()) columns_input.zero_();
-          backward_columns<scalar_t>(go, x, w, g, columns_input, grad_weight);
-        } else if (grad_weight.defined()) {
-          grad_weight_direct<scalar_t>(go, x, g, grad_weight);
+          backward_columns<scalar_t>(go, x, w, g, columns_input, columns_weight);
         }
-        if (grad_input.defined() && !input_by_columns) {
+        if (grad_weight.defined() && !columns_weight.defined()) {
+          if (use_batch_weight_grad(g)) {
+            grad_weight_batch_tiles<scalar_t>(go, x, g, grad_weight);
+          } else {
+            grad_weight_direct<scalar_t>(go, x, g, grad_weight);
+          }
+        }
+        if (grad_input.defined() && !columns_input.defined()) {
           if (grad_input_is_convolution(g)) {
             grad_input_direct<scalar_t>(go, w, g, grad_input);
           } else {
