@@ -588,7 +588,8 @@ def test_pointwise_gemm_shapes(gen, m, k, n, dtype):
         assert_close(got, want, rtol=0, atol=0)
 
 
-# The batch tiles (batches of 8 and more, 16 and more channels per group):
+# The batch tiles (batches of 8 and more, 16 and more input channels and a
+# panel of output channels, 32 with AVX-512, per group):
 # images as the rows of an implicit GEMM, one output pixel per tile, taps in
 # the padding skipped; the input gradient of unit-stride convolutions runs on
 # them too, with the kernel flipped in the packing, and the weight gradient
@@ -598,16 +599,16 @@ def test_pointwise_gemm_shapes(gen, m, k, n, dtype):
 # wider than the kernel (whose input gradient is not a convolution), and
 # planes small enough for the columns path's weight gradient.
 BATCH_TILE_CASES = [
-    ((8, 16, 9, 8), (40, 16, 3, 3), {"padding": 1}),
-    ((13, 24, 7, 7), (33, 24, 3, 3), {"padding": 1}),
-    ((25, 16, 6, 5), (16, 16, 3, 3), {"stride": 2, "padding": 1}),
-    ((9, 24, 8, 9), (25, 24, 2, 3), {"stride": (1, 2), "padding": (0, 2), "dilation": (2, 1)}),
-    ((8, 24, 9, 8), (24, 24, 3, 2), {"padding": (2, 1), "dilation": (2, 3)}),
-    ((8, 41, 7, 6), (36, 41, 3, 3), {"padding": 1}),
+    ((8, 32, 9, 8), (40, 32, 3, 3), {"padding": 1}),
+    ((13, 33, 7, 7), (33, 33, 3, 3), {"padding": 1}),
+    ((25, 16, 6, 5), (32, 16, 3, 3), {"stride": 2, "padding": 1}),
+    ((9, 24, 8, 9), (40, 24, 2, 3), {"stride": (1, 2), "padding": (0, 2), "dilation": (2, 1)}),
+    ((8, 32, 9, 8), (36, 32, 3, 2), {"padding": (2, 1), "dilation": (2, 3)}),
     ((8, 16, 5, 5), (48, 16, 3, 3), {"padding": 3}),
-    ((10, 32, 6, 6), (40, 16, 3, 3), {"groups": 2, "padding": 1}),
+    ((10, 64, 6, 6), (80, 32, 3, 3), {"groups": 2, "padding": 1}),
     ((8, 64, 4, 4), (70, 64, 3, 3), {"padding": 1}),
     ((8, 16, 1, 1), (32, 16, 3, 3), {"padding": 1}),
+    ((8, 41, 7, 6), (36, 41, 3, 3), {"padding": 1}),
 ]
 
 

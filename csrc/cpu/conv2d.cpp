@@ -5,8 +5,10 @@
 // return results in the dtype and memory format native PyTorch returns.
 //  * Direct kernels, for most convolutions: the forward, the input gradient of
 //    unit-stride convolutions and the weight gradient, register-tiled and
-//    vectorized over output pixels ("virtual pixels" below), compiled for each
-//    instruction set (cpu/simd.h).
+//    compiled for each instruction set (cpu/simd.h). Batches of 8 and more
+//    with 16 and more channels per group take the batch tiles (images as
+//    rows, output channels as vectors, padded taps skipped); the others the
+//    pixel tiles (vectorized over output pixels, "virtual pixels" below).
 //  * Our GEMM (cpu/gemm.h), where the data need no rearranging: 1x1 unit-stride
 //    convolutions, and the input gradient of strided convolutions (a GEMM,
 //    then our col2im); and on our im2col columns for small output planes
@@ -338,14 +340,15 @@ struct BatchTileArgs {
 template <int Bytes>
 constexpr int kBatchTileRows = Bytes == 64 ? 12 : 6;
 
-// Rows x 2 vectors of C over the taps [i0, i1) x [j0, j1) and all channels of
-// a group; x points at tap (0, 0) of channel 0 and the tile's first image
-// (which may lie in the padding), w at the panel.
+// Rows x 2 vectors of C over taps_h x taps_w taps and all channels of a
+// group; x points at the first tap's input of channel 0 and the tile's first
+// image, w at that tap's weights of channel 0; the steps are those to the
+// next tap along each axis.
 template <typename V, typename T, int Rows>
 [[gnu::always_inline]] inline void batch_tile(const T* x, const T* w, const T* bias, int64_t channels,
-                                              int64_t channel_stride, int64_t row_step, int64_t col_step,
-                                              int64_t kernel_w, int64_t i0, int64_t i1,
-                                              int64_t j0, int64_t j1, T* tile) {
+                                              int64_t channel_stride, int64_t taps_h, int64_t taps_w,
+                                              int64_t x_row_step, int64_t x_col_step, int64_t w_row_step,
+                                              int64_t w_col_step, T* tile) {
   constexpr int lanes = sizeof(V) / sizeof(T);
   V acc[Rows][2];
   const V b0 = bias ? simd::load<V>(bias) : V{}, b1 = bias ? simd::load<V>(bias + lanes) : V{};
@@ -353,10 +356,10 @@ template <typename V, typename T, int Rows>
     acc[p][0] = b0;
     acc[p][1] = b1;
   }
-  for (int64_t i = i0; i < i1; ++i) {
-    for (int64_t j = j0; j < j1; ++j) {
-      const T* in = x + i * row_step + j * col_step;
-      const T* panel = w + (i * kernel_w + j) * channels * 2 * lanes;
+  for (int64_t i = 0; i < taps_h; ++i) {
+    for (int64_t j = 0; j < taps_w; ++j) {
+      const T* in = x + i * x_row_step + j * x_col_step;
+      const T* panel = w + i * w_row_step + j * w_col_step;
       for (int64_t c = 0; c < channels; ++c, in += channel_stride, panel += 2 * lanes) {
         const V w0 = simd::load<V>(panel), w1 = simd::load<V>(panel + lanes);
         for (int p = 0; p < Rows; ++p) {
@@ -440,21 +443,25 @@ struct BatchForwardTiles {
     for (int64_t k = 0; a.bias && k < channels; ++k) bias[k] = a.bias[grp * g.out_per_group() + k0 + k];
     const int64_t n_rows = ceil_div(g.batch, a.image_blocks);  // images per block
     const int64_t plane = g.out_h * g.out_w;
-    const int64_t col_step = g.dil_w * g.in_channels * g.batch, row_step = g.dil_h * g.in_w * col_step / g.dil_w;
+    const int64_t x_col_step = g.dil_w * g.in_channels * g.batch, x_row_step = g.dil_h * g.in_w * g.in_channels * g.batch;
+    const int64_t w_col_step = g.in_per_group() * width, w_row_step = g.kernel_w * w_col_step;
     T tile[kBatchTileRows<Bytes> * width];
     for (int64_t t = begin; t < end; ++t) {
       const int64_t pixel = t % plane, n0 = t / plane * n_rows, rows = std::min(n_rows, g.batch - n0);
       const int64_t oh = pixel / g.out_w, ow = pixel % g.out_w;
       const auto [i0, i1] = valid_taps(oh, g.stride_h, g.pad_h, g.dil_h, g.kernel_h, g.in_h);
       const auto [j0, j1] = valid_taps(ow, g.stride_w, g.pad_w, g.dil_w, g.kernel_w, g.in_w);
-      const T* x = a.input + ((oh * g.stride_h - g.pad_h) * g.in_w + ow * g.stride_w - g.pad_w) * g.in_channels * g.batch +
-                   grp * g.in_per_group() * g.batch + n0;
+      // (With no tap inside, i0 == i1 or j0 == j1 and x is not read.)
+      const int64_t ih = oh * g.stride_h - g.pad_h + i0 * g.dil_h, iw = ow * g.stride_w - g.pad_w + j0 * g.dil_w;
+      const T* x = a.input + ((std::clamp<int64_t>(ih, 0, g.in_h - 1) * g.in_w + std::clamp<int64_t>(iw, 0, g.in_w - 1)) *
+                                  g.in_channels + grp * g.in_per_group()) * g.batch + n0;
+      const T* w = packed + i0 * w_row_step + j0 * w_col_step;
       switch (rows) {
 #define PYCONVEXT_ROWS_CASE(R)                                                                         \
   case R:                                                                                              \
     if constexpr (R <= kBatchTileRows<Bytes>) {                                                        \
-      batch_tile<V, T, R>(x, packed, a.bias ? bias : nullptr, g.in_per_group(), g.batch, row_step,    \
-                          col_step, g.kernel_w, i0, i1, j0, j1, tile);                                 \
+      batch_tile<V, T, R>(x, w, a.bias ? bias : nullptr, g.in_per_group(), g.batch, i1 - i0, j1 - j0, \
+                          x_row_step, x_col_step, w_row_step, w_col_step, tile);                      \
     }                                                                                                  \
     break;
         PYCONVEXT_ROWS_CASE(1) PYCONVEXT_ROWS_CASE(2) PYCONVEXT_ROWS_CASE(3) PYCONVEXT_ROWS_CASE(4)
@@ -497,14 +504,17 @@ Tensor images_inner(const Tensor& x, const Conv2dGeometry& g) {
   return result;
 }
 
+// Output channels per panel of the batch tiles in float32: 2 vectors.
+int64_t batch_panel_width() { return 2 * vector_bytes() / 4; }
+
 // Whether the batch tiles serve a convolution: enough images to fill a tile's
-// rows, enough input channels per tap to amortize the tap loops (stems with
-// 3 input channels run faster on the pixel tiles), and enough depth per tile
-// to amortize storing it (strided 1x1 layers of 64 channels do not).
+// rows, output channels for a panel at least (16 would leave half of each
+// FMA idle), enough input channels per tap to amortize the tap loops (stems
+// with 3 input channels run faster on the pixel tiles), and enough depth per
+// tile to amortize storing it (strided 1x1 layers of 64 channels do not).
 bool use_batch_tiles(const Conv2dGeometry& g) {
-  const int64_t width = 2 * vector_bytes() / 4;
-  return g.batch >= 8 && g.in_per_group() >= 16 && g.in_per_group() * g.kernel_h * g.kernel_w >= 128 &&
-         g.out_per_group() >= width / 2;
+  return g.batch >= 8 && g.out_per_group() >= batch_panel_width() && g.in_per_group() >= 16 &&
+         g.in_per_group() * g.kernel_h * g.kernel_w >= 128;
 }
 
 // out = the convolution of x by geometry g with weight w (and bias); with
@@ -635,7 +645,7 @@ PYCONVEXT_DISPATCH_ISA(batch_weight_grad_tiles, BatchWeightGradTiles)
 // the layers of ResNets).
 bool use_batch_weight_grad(const Conv2dGeometry& g) {
   const int64_t plane = g.out_h * g.out_w;
-  return g.batch >= 8 && g.in_per_group() >= 16 && g.out_per_group() >= vector_bytes() / 4 && plane > 16 &&
+  return g.batch >= 8 && g.out_per_group() >= batch_panel_width() && g.in_per_group() >= 16 && plane > 16 &&
          plane <= 256;
 }
 
