@@ -382,6 +382,8 @@ BAD_INPUTS = [
      r"weight must have at least one output channel"),
     ("empty kernel", (t(2, 3, 8, 8), t(4, 3, 0, 3), None, 1, 0, 1, 1), RuntimeError,
      r"kernel size must be positive"),
+    ("empty plane", (t(2, 3, 0, 5), t(4, 3, 1, 1), None, 1, 1, 1, 1), RuntimeError,
+     r"only zero batch or zero channel inputs may be empty, but got input of size \[2, 3, 0, 5\]"),
     ("kernel larger than input", (t(2, 3, 8, 8), t(4, 3, 9, 9), None, 1, 0, 1, 1), RuntimeError,
      r"the \(dilated\) kernel 9x9 is larger than the padded input 8x8"),
     ("dilated kernel larger than padded input", (t(2, 3, 8, 8), t(4, 3, 3, 3), None, 1, 1, 5, 1), RuntimeError,

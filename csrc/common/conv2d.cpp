@@ -76,6 +76,8 @@ Conv2dGeometry check(
               " channels instead");
   TORCH_CHECK(g.kernel_h > 0 && g.kernel_w > 0, op,
               ": kernel size must be positive, but got weight of size ", weight.sizes());
+  TORCH_CHECK((g.in_h > 0 && g.in_w > 0) || g.batch == 0 || g.in_channels == 0, op,
+              ": only zero batch or zero channel inputs may be empty, but got input of size ", input.sizes());
 
   const int64_t padded_h = g.in_h + 2 * g.pad_h, padded_w = g.in_w + 2 * g.pad_w;
   const int64_t dilated_kh = g.dil_h * (g.kernel_h - 1) + 1;
