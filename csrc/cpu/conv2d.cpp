@@ -547,9 +547,10 @@ void batch_tiles(const Tensor& x, const Tensor& w, const std::optional<Tensor>& 
 // input the tap reads for that pixel. An implicit GEMM whose rows are input
 // channels (of one tap), columns output channels, and depth (pixel, image):
 // grad_output as [group][panel][pixel][image][width], so that a step loads
-// the 2 vectors of output channels of its panel from one stream, and the input as [h][w][channel][image], so that the
-// tile's channels of one image are broadcast from one cache line or two.
-// Pixels whose tap falls into the padding are skipped.
+// its panel's 2 vectors of output channels from one stream, and the input as
+// [h][w][channel][image], so that the tile's channels of one image are
+// broadcast from one cache line or two. Pixels whose tap falls into the
+// padding are skipped.
 template <typename T>
 struct BatchWeightGradArgs {
   const T* input;     // [in_h][in_w][in_channels][batch]
@@ -618,20 +619,21 @@ struct BatchWeightGradTiles {
     const Conv2dGeometry& g = *a.g;
     const int64_t taps = g.kernel_h * g.kernel_w;
     const int64_t chunk = std::max<int64_t>(1, kWeightGradChunk / g.out_w);
-    for (int64_t oh0 = 0; oh0 < g.out_h; oh0 += chunk)
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t blocks = a.channel_blocks.count, block = t % blocks, tap = t / blocks % taps;
-      const int64_t panel = t / blocks / taps % a.panels, grp = t / blocks / taps / a.panels;
-      const int64_t k0 = panel * width, count = std::min(width, g.out_per_group() - k0);
-      const int64_t c0 = a.channel_blocks.start(block), rows = a.channel_blocks.length(block);
-      const int64_t i = tap / g.kernel_w, j = tap % g.kernel_w;
-      switch (rows) {
+    for (int64_t oh0 = 0; oh0 < g.out_h; oh0 += chunk) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t blocks = a.channel_blocks.count, block = t % blocks, tap = t / blocks % taps;
+        const int64_t panel = t / blocks / taps % a.panels, grp = t / blocks / taps / a.panels;
+        const int64_t k0 = panel * width, count = std::min(width, g.out_per_group() - k0);
+        const int64_t c0 = a.channel_blocks.start(block), rows = a.channel_blocks.length(block);
+        const int64_t i = tap / g.kernel_w, j = tap % g.kernel_w;
+        switch (rows) {
 #define PYCONVEXT_ROWS_CASE(R) \
   case R: if constexpr (R <= max_rows) batch_weight_grad_tile<V, T, R>(a, grp, k0, count, c0, i, j, oh0, oh0 + chunk); break;
-        PYCONVEXT_ROWS_CASE(1) PYCONVEXT_ROWS_CASE(2) PYCONVEXT_ROWS_CASE(3) PYCONVEXT_ROWS_CASE(4)
-        PYCONVEXT_ROWS_CASE(5) PYCONVEXT_ROWS_CASE(6) PYCONVEXT_ROWS_CASE(7) PYCONVEXT_ROWS_CASE(8)
-        PYCONVEXT_ROWS_CASE(9) PYCONVEXT_ROWS_CASE(10) PYCONVEXT_ROWS_CASE(11) PYCONVEXT_ROWS_CASE(12)
+          PYCONVEXT_ROWS_CASE(1) PYCONVEXT_ROWS_CASE(2) PYCONVEXT_ROWS_CASE(3) PYCONVEXT_ROWS_CASE(4)
+          PYCONVEXT_ROWS_CASE(5) PYCONVEXT_ROWS_CASE(6) PYCONVEXT_ROWS_CASE(7) PYCONVEXT_ROWS_CASE(8)
+          PYCONVEXT_ROWS_CASE(9) PYCONVEXT_ROWS_CASE(10) PYCONVEXT_ROWS_CASE(11) PYCONVEXT_ROWS_CASE(12)
 #undef PYCONVEXT_ROWS_CASE
+        }
       }
     }
   }
