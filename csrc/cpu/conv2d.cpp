@@ -135,13 +135,18 @@ void prepare_direct_input(const T* x, int64_t planes, const Conv2dGeometry& g,
 template <int Bytes>
 constexpr int kAccumulators = Bytes == 64 ? 24 : 12;
 
+// Bytes per vector of the ISA the kernels run with.
+int64_t vector_bytes() {
+  switch (simd::cpu_isa()) {
+    case simd::Isa::Avx512: return 64;
+    case simd::Isa::Avx2: return 32;
+    default: return 16;
+  }
+}
+
 // Output channels per register block: tiles at least two vectors wide.
 int64_t direct_max_block() {
-  switch (simd::cpu_isa()) {
-    case simd::Isa::Avx512: return kAccumulators<64> / 2;
-    case simd::Isa::Avx2: return kAccumulators<32> / 2;
-    default: return kAccumulators<16> / 2;
-  }
+  return (vector_bytes() == 64 ? kAccumulators<64> : kAccumulators<16>) / 2;
 }
 
 // Vectors of pixels per tile for a block of R channels: the widest of 8, 4, 2
@@ -335,10 +340,19 @@ struct BatchTileArgs {
   int64_t panels, image_blocks;
 };
 
-// Images per register tile of 2 vectors of channels: 24 of the 32 AVX-512
-// accumulators, 12 of the 16 others.
+// Rows (images; input channels for the weight gradient) per register tile of
+// 2 vectors of channels: 24 of the 32 AVX-512 accumulators, 12 of the 16
+// others.
 template <int Bytes>
 constexpr int kBatchTileRows = Bytes == 64 ? 12 : 6;
+
+int64_t batch_tile_rows() { return vector_bytes() == 64 ? kBatchTileRows<64> : kBatchTileRows<16>; }
+
+// Output channels per panel of the batch tiles: 2 vectors.
+template <typename T>
+int64_t batch_panel_width() {
+  return 2 * vector_bytes() / int64_t(sizeof(T));
+}
 
 // Rows x 2 vectors of C over taps_h x taps_w taps and all channels of a
 // group; x points at the first tap's input of channel 0 and the tile's first
@@ -478,14 +492,6 @@ struct BatchForwardTiles {
 };
 PYCONVEXT_DISPATCH_ISA(batch_forward_tiles, BatchForwardTiles)
 
-int64_t vector_bytes() {
-  switch (simd::cpu_isa()) {
-    case simd::Isa::Avx512: return 64;
-    case simd::Isa::Avx2: return 32;
-    default: return 16;
-  }
-}
-
 // The input x of geometry g as [h][w][channel][image], the batch tiles'
 // layout.
 template <typename T>
@@ -504,16 +510,13 @@ Tensor images_inner(const Tensor& x, const Conv2dGeometry& g) {
   return result;
 }
 
-// Output channels per panel of the batch tiles in float32: 2 vectors.
-int64_t batch_panel_width() { return 2 * vector_bytes() / 4; }
-
 // Whether the batch tiles serve a convolution: enough images to fill a tile's
 // rows, output channels for a panel at least (16 would leave half of each
 // FMA idle), enough input channels per tap to amortize the tap loops (stems
 // with 3 input channels run faster on the pixel tiles), and enough depth per
 // tile to amortize storing it (strided 1x1 layers of 64 channels do not).
 bool use_batch_tiles(const Conv2dGeometry& g) {
-  return g.batch >= 8 && g.out_per_group() >= batch_panel_width() && g.in_per_group() >= 16 &&
+  return g.batch >= 8 && g.out_per_group() >= batch_panel_width<float>() && g.in_per_group() >= 16 &&
          g.in_per_group() * g.kernel_h * g.kernel_w >= 128;
 }
 
@@ -523,12 +526,11 @@ bool use_batch_tiles(const Conv2dGeometry& g) {
 template <typename T>
 void batch_tiles(const Tensor& x, const Tensor& w, const std::optional<Tensor>& bias,
                  const Conv2dGeometry& g, bool transposed, Tensor& out) {
-  const int64_t width = 2 * vector_bytes() / int64_t(sizeof(T)), panels = ceil_div(g.out_per_group(), width);
-  const int64_t max_rows = vector_bytes() == 64 ? kBatchTileRows<64> : kBatchTileRows<32>;
+  const int64_t width = batch_panel_width<T>(), panels = ceil_div(g.out_per_group(), width);
   const Tensor transposed_input = images_inner<T>(x, g);
   const T* t_data = transposed_input.const_data_ptr<T>();
   const BatchTileArgs<T> args{t_data, w.const_data_ptr<T>(), bias.has_value() ? bias->const_data_ptr<T>() : nullptr,
-                              out.mutable_data_ptr<T>(), &g, transposed, panels, ceil_div(g.batch, max_rows)};
+                              out.mutable_data_ptr<T>(), &g, transposed, panels, ceil_div(g.batch, batch_tile_rows())};
   const int64_t units = g.groups * panels, depth = g.in_per_group() * g.kernel_h * g.kernel_w;
   const UnitSplit split = split_units(units, args.image_blocks * g.out_h * g.out_w);
   at::parallel_for(0, units * split.splits, 1, [&](int64_t begin, int64_t end) {
@@ -560,10 +562,6 @@ struct BatchWeightGradArgs {
   int64_t panels;
   Blocks channel_blocks;  // per group
 };
-
-// Input channels per weight-gradient tile of 2 vectors of output channels.
-template <int Bytes>
-constexpr int kWeightGradRows = Bytes == 64 ? 12 : 6;
 
 // Adds the sums over output rows [oh_begin, oh_end) of one tile to grad_weight.
 template <typename V, typename T, int Rows>
@@ -614,7 +612,7 @@ struct BatchWeightGradTiles {
   template <int Bytes, typename T>
   [[gnu::always_inline]] void operator()(const BatchWeightGradArgs<T>* args, int64_t begin, int64_t end) const {
     using V = simd::Vec<T, Bytes>;
-    constexpr int64_t width = 2 * Bytes / sizeof(T), max_rows = kWeightGradRows<Bytes>;
+    constexpr int64_t width = 2 * Bytes / sizeof(T), max_rows = kBatchTileRows<Bytes>;
     const BatchWeightGradArgs<T>& a = *args;
     const Conv2dGeometry& g = *a.g;
     const int64_t taps = g.kernel_h * g.kernel_w;
@@ -647,14 +645,13 @@ PYCONVEXT_DISPATCH_ISA(batch_weight_grad_tiles, BatchWeightGradTiles)
 // the layers of ResNets).
 bool use_batch_weight_grad(const Conv2dGeometry& g) {
   const int64_t plane = g.out_h * g.out_w;
-  return g.batch >= 8 && g.out_per_group() >= batch_panel_width() && g.in_per_group() >= 16 && plane > 16 &&
+  return g.batch >= 8 && g.out_per_group() >= batch_panel_width<float>() && g.in_per_group() >= 16 && plane > 16 &&
          plane <= 256;
 }
 
 template <typename T>
 void grad_weight_batch_tiles(const Tensor& grad_out, const Tensor& x, const Conv2dGeometry& g, Tensor& grad_weight) {
-  const int64_t width = 2 * vector_bytes() / int64_t(sizeof(T));
-  const int64_t max_rows = vector_bytes() == 64 ? kWeightGradRows<64> : kWeightGradRows<32>;
+  const int64_t width = batch_panel_width<T>();
   const Tensor input = images_inner<T>(x, g);
   const int64_t panels = ceil_div(g.out_per_group(), width), plane = g.out_h * g.out_w;
   Tensor go = at::empty({g.groups * panels * plane * g.batch * width}, grad_out.options());
@@ -671,7 +668,7 @@ void grad_weight_batch_tiles(const Tensor& grad_out, const Tensor& x, const Conv
     }
   });
   const BatchWeightGradArgs<T> args{input.const_data_ptr<T>(), go_panels, grad_weight.mutable_data_ptr<T>(), &g,
-                                    panels, split_blocks(g.in_per_group(), max_rows)};
+                                    panels, split_blocks(g.in_per_group(), batch_tile_rows())};
   const int64_t tiles = g.groups * panels * g.kernel_h * g.kernel_w * args.channel_blocks.count;
   at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) { batch_weight_grad_tiles(&args, begin, end); });
 }
@@ -1202,13 +1199,14 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_backward_cpu(
         const bool columns = use_columns(g, kColumnsBackwardMaxPlane);
         const bool input_by_batch = grad_input_is_convolution(g) && use_batch_tiles(grad_input_geometry(g));
         Tensor columns_input = columns && !input_by_batch ? grad_input : Tensor();
-        Tensor columns_weight = columns && !use_batch_weight_grad(g) ? grad_weight : Tensor();
+        const bool weight_by_batch = use_batch_weight_grad(g);
+        Tensor columns_weight = columns && !weight_by_batch ? grad_weight : Tensor();
         if (columns_input.defined() || columns_weight.defined()) {
           if (columns_input.defined()) columns_input.zero_();
           backward_columns<scalar_t>(go, x, w, g, columns_input, columns_weight);
         }
         if (grad_weight.defined() && !columns_weight.defined()) {
-          if (use_batch_weight_grad(g)) {
+          if (weight_by_batch) {
             grad_weight_batch_tiles<scalar_t>(go, x, g, grad_weight);
           } else {
             grad_weight_direct<scalar_t>(go, x, g, grad_weight);
