@@ -74,6 +74,29 @@ def test_large_gate_values(gen):
     assert_close(ours(x, hx), native(x, hx))
 
 
+def test_nan_and_inf_as_native(gen):
+    """NaN and +-inf in the input and the state: NaN reaches the same outputs
+    as in native's, and inf saturates the gates exactly (0 and 1, not a
+    denormal)."""
+    native, ours = cells(gen, 4, 40, True, torch.float32)
+    x, h, c = randn(gen, 6, 4) * 30, randn(gen, 6, 40), randn(gen, 6, 40)
+    x[0, 1], x[1, 2], x[2, 3] = float("nan"), float("inf"), -float("inf")
+    h[3, 5], c[4, 6], c[5, 7] = float("nan"), float("inf"), -float("inf")
+    want, got = native(x, (h, c)), ours(x, (h, c))
+    assert got[0].isnan().any() and not got[0].isnan().all()
+    assert_close(got, want, equal_nan=True)
+    lstm = torch.nn.LSTM(4, 40, num_layers=2)
+    ours_lstm = pyconvext.nn.LSTM(4, 40, num_layers=2)
+    ours_lstm.load_state_dict(lstm.state_dict())
+    seq = randn(gen, 5, 6, 4) * 30
+    seq[1, 0, 1], seq[2, 1, 2], seq[3, 2, 3] = float("nan"), float("inf"), -float("inf")
+    for grad_enabled in (False, True):  # lstm_layer_values, then lstm_layer
+        with torch.set_grad_enabled(grad_enabled):
+            want, got = lstm(seq), ours_lstm(seq)
+        assert got[0].isnan().any() and not got[0].isnan().all()
+        assert_close(got, want, equal_nan=True)
+
+
 def test_functional_and_operator(gen):
     x, h, c = randn(gen, 3, 5), randn(gen, 3, 7), randn(gen, 3, 7)
     w_ih, w_hh, b_ih, b_hh = randn(gen, 28, 5), randn(gen, 28, 7), randn(gen, 28), randn(gen, 28)

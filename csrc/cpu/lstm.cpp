@@ -34,6 +34,10 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #include "common/lstm.h"
 #include "cpu/gemm.h"
 #include "cpu/simd.h"

@@ -1,21 +1,38 @@
 // The element-wise loops of the CPU LSTM kernels, compiled once per
 // instruction set by cpu/lstm.cpp through cpu/per_isa.h. No include guard.
 
-// exp of float32 lanes (Cephes' expf: range reduction to [-ln2/2, ln2/2], a
-// degree-6 polynomial, scaling by 2^n through the exponent bits; within 2
-// ulp), and the activations built on it. Inputs below -88.38 give ~1e-38
-// instead of a denormal or 0, which no gate result can tell apart.
+// x rounded to the nearest integer, lane by lane (for the exp below, whose
+// inputs are clamped to well within int32).
+template <typename V>
+inline V round_lanes(V x) {
+#ifdef PYCONVEXT_X86_ISAS
+  if constexpr (kVectorBytes == 64) {
+    return (V)_mm512_roundscale_ps((__m512)x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  } else if constexpr (kVectorBytes == 32) {
+    return (V)_mm256_round_ps((__m256)x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  }
+#endif
+  using I = simd::Vec<int32_t, sizeof(V)>;
+  const V up = x + 0.5f;
+  I n = __builtin_convertvector(up, I);
+  n += (__builtin_convertvector(n, V) > up);  // truncation to floor: -1 where it rounded up
+  return __builtin_convertvector(n, V);
+}
+
+// exp of float32 lanes (Cephes' expf: range reduction to [-ln2/2, ln2/2] and
+// a degree-6 polynomial; within 2 ulp), and the activations built on it.
+// NaN stays NaN. With AVX-512, scalef applies 2^n, so exp overflows to inf
+// and underflows to 0 as it should; elsewhere 2^n goes through the exponent
+// bits, which hold 2^-127..2^127, so inputs are clamped to +-88 (exp(-88)
+// gives 0; no gate result can tell exp(88) from exp(88.7)).
 template <typename V>
 inline V exp_lanes(V x) {
-  using I = simd::Vec<int32_t, sizeof(V)>;
-  const V hi = V{} + 88.3762626647949f, lo = V{} - 88.3762626647949f;
-  x = x < hi ? x : hi;
-  x = x > lo ? x : lo;
-  const V fx = x * 1.44269504088896341f + 0.5f;
-  I n = __builtin_convertvector(fx, I);
-  n += (__builtin_convertvector(n, V) > fx);  // truncation to floor: -1 where it rounded up
-  const V fn = __builtin_convertvector(n, V);
-  x = x - fn * 0.693359375f + fn * 2.12194440e-4f;
+  constexpr float limit = kVectorBytes == 64 ? 104.0f : 88.0f;
+  const V hi = V{} + limit, lo = V{} - limit;
+  x = x > hi ? hi : x;  // (a NaN fails both comparisons)
+  x = x < lo ? lo : x;
+  const V n = round_lanes(x * 1.44269504088896341f);
+  x = x - n * 0.693359375f + n * 2.12194440e-4f;
   const V z = x * x;
   V y = V{} + 1.9875691500e-4f;
   y = y * x + 1.3981999507e-3f;
@@ -24,7 +41,11 @@ inline V exp_lanes(V x) {
   y = y * x + 1.6666665459e-1f;
   y = y * x + 5.0000001201e-1f;
   y = y * z + x + 1.0f;
-  const I scale = (n + 127) << 23;
+#ifdef PYCONVEXT_X86_ISAS
+  if constexpr (kVectorBytes == 64) return (V)_mm512_scalef_ps((__m512)y, (__m512)n);
+#endif
+  using I = simd::Vec<int32_t, sizeof(V)>;
+  const I scale = (__builtin_convertvector(n, I) + 127) << 23;
   V pow2n;
   std::memcpy(&pow2n, &scale, sizeof(V));
   return y * pow2n;
