@@ -319,6 +319,15 @@ def test_lstm_large_shapes(gen, batch, input_size, hidden_size, options, dtype):
     assert_lstm_matches(native, ours, x, hx)
 
 
+@pytest.mark.parametrize("batch", [3, 19])
+def test_lstm_strided_input(gen, batch):
+    """An input whose features are not adjacent in memory (every other one of
+    a larger tensor), split among threads by columns and by rows."""
+    native, ours = lstms(gen, 12, 40, torch.float32)
+    x = randn(gen, 4, batch, 24)[..., ::2]
+    assert_lstm_matches(native, ours, x, None)
+
+
 @pytest.mark.parametrize("enforce_sorted", [True, False])
 def test_lstm_packed_sequences_large_batch(gen, enforce_sorted):
     """Rows that end at different steps, in blocks of rows that threads run apart."""

@@ -9,11 +9,12 @@
 // to the gradients of the gate pre-activations, then GEMMs for the input,
 // state and weight gradients.
 //
-// A whole sequence (lstm_layer) projects the inputs of all steps in one GEMM
-// before the recurrence, so that each step is one recurrent GEMM (plus the
-// projection's, with proj_size) and one fused pass; its backward computes
-// the input and weight gradients as one GEMM over all steps after it. The
-// weights are packed for the GEMM once per sequence. lstm_layer_values, for
+// A whole sequence (lstm_layer) packs the weights for the GEMM once. Each
+// step is then the input projection, the recurrent GEMM (plus the
+// projection's, with proj_size) and one fused pass; with few rows per
+// thread, the inputs of all steps are projected in one GEMM before the
+// recurrence instead. The backward computes the input and weight gradients
+// as one GEMM over all steps after the recurrence. lstm_layer_values, for
 // inference, saves no activations. Packed sequences run each step on its
 // first batch_sizes[t] rows.
 
@@ -233,17 +234,23 @@ void layer_forward(const LstmLayerGeometry& g, const Tensor& input, const Tensor
   const int64_t block_columns = std::lcm(4 * group, cpu::gemm_panel_width<T>());
   const int64_t block_units = block_columns / 4, block_panels = block_columns / cpu::gemm_panel_width<T>();
   const std::vector<int64_t> order = grouped_gate_order(H, group);
-  Tensor gates = at::empty({g.rows, G}, input.options());
-  T* gates_data = gates.mutable_data_ptr<T>();
   std::vector<T> grouped_bias(G);
   for (int64_t j = 0; j < G; ++j) grouped_bias[j] = bias.const_data_ptr<T>()[order[j]];
   const Tensor x = input.reshape({g.rows, g.input_size});
-  cpu::gemm(g.rows, cpu::matrix_view<T>(x),
-            cpu::PackedMatrix<T>(cpu::matrix_view<T>(w_ih).t(), g.input_size, G, order.data()),
-            gates_data, G, false);
+  const cpu::MatrixView<T> x_view = cpu::matrix_view<T>(x);
+  const cpu::PackedMatrix<T> w_ih_packed(cpu::matrix_view<T>(w_ih).t(), g.input_size, G, order.data());
   const cpu::PackedMatrix<T> w_hh_packed(cpu::matrix_view<T>(w_hh).t(), P, G, order.data());
   std::optional<cpu::PackedMatrix<T>> w_hr_packed;
   if (w_hr.has_value()) w_hr_packed.emplace(cpu::matrix_view<T>(*w_hr).t(), H, P);
+  const bool rows_split = split_rows(g.batch);
+  // Split by rows, each thread projects its rows' inputs step by step into
+  // its rows of a one-step gates buffer (small GEMMs on weights that stream
+  // through its cache run nearer the peak than one large GEMM, and no
+  // all-steps buffer goes through memory). Split by columns, all steps'
+  // inputs are projected first, in one GEMM.
+  Tensor gates = at::empty({rows_split ? g.batch : g.rows, G}, input.options());
+  T* gates_data = gates.mutable_data_ptr<T>();
+  if (!rows_split) cpu::gemm(g.rows, x_view, w_ih_packed, gates_data, G, false);
   T* h_data = h_state.mutable_data_ptr<T>();
   T* c_data = c_state.mutable_data_ptr<T>();
   T* out_data = output.mutable_data_ptr<T>();
@@ -256,12 +263,12 @@ void layer_forward(const LstmLayerGeometry& g, const Tensor& input, const Tensor
     return ws_data ? ws_data + first * columns + 6 * H : h_full.mutable_data_ptr<T>() + r0 * H;
   };
   const int64_t projection_stride = ws_data ? columns : H;
-  // Rows [r0, r1) of step t: the recurrent GEMM on panels [p0, p1) and the
-  // element-wise step of units [u0, u1).
-  const auto step = [&](int64_t t, int64_t r0, int64_t r1, int64_t p0, int64_t p1, int64_t u0,
-                        int64_t u1) {
+  // Rows [r0, r1) of step t, whose input projection is in step_gates: the
+  // recurrent GEMM on panels [p0, p1) and the element-wise step of units
+  // [u0, u1).
+  const auto step = [&](int64_t t, int64_t r0, int64_t r1, T* step_gates, int64_t p0, int64_t p1,
+                        int64_t u0, int64_t u1) {
     const int64_t first = g.offsets[t] + r0;
-    T* step_gates = gates_data + first * G;
     // Without a projection h goes to the output, else to the projection's input.
     const CellArgs<T> args{step_gates, grouped_bias.data(), c_data + r0 * H,
                            ws_data ? ws_data + first * columns : nullptr, c_data + r0 * H,
@@ -281,12 +288,16 @@ void layer_forward(const LstmLayerGeometry& g, const Tensor& input, const Tensor
     std::memcpy(h_data + r0 * P, out_data + first * P, (r1 - r0) * P * sizeof(T));
   };
   const auto step_of = [&](int64_t s) { return reverse ? g.steps - 1 - s : s; };
-  if (split_rows(g.batch)) {
+  if (rows_split) {
     for_row_blocks(g.batch, [&](int64_t r0, int64_t r1) {
+      T* step_gates = gates_data + r0 * G;
       for (int64_t s = 0; s < g.steps; ++s) {
         const int64_t t = step_of(s), rows = std::min(r1, g.batch_sizes[t]);
         if (rows <= r0) continue;
-        step(t, r0, rows, 0, w_hh_packed.panels(), 0, H);
+        const cpu::MatrixView<T> step_x{x_view.data + (g.offsets[t] + r0) * x_view.row_stride,
+                                        x_view.row_stride, x_view.col_stride};
+        cpu::gemm_packed(rows - r0, step_x, w_ih_packed, step_gates, G, false, 0, w_ih_packed.panels());
+        step(t, r0, rows, step_gates, 0, w_hh_packed.panels(), 0, H);
         finish(t, r0, rows);
       }
     });
@@ -295,8 +306,9 @@ void layer_forward(const LstmLayerGeometry& g, const Tensor& input, const Tensor
   for (int64_t s = 0; s < g.steps; ++s) {
     const int64_t t = step_of(s), rows = g.batch_sizes[t];
     at::parallel_for(0, (H + block_units - 1) / block_units, 1, [&](int64_t begin, int64_t end) {
-      step(t, 0, rows, begin * block_panels, std::min(w_hh_packed.panels(), end * block_panels),
-           begin * block_units, std::min(H, end * block_units));
+      step(t, 0, rows, gates_data + g.offsets[t] * G, begin * block_panels,
+           std::min(w_hh_packed.panels(), end * block_panels), begin * block_units,
+           std::min(H, end * block_units));
     });
     finish(t, 0, rows);
   }
