@@ -75,6 +75,25 @@ def cuda_library_includes():
     )
 
 
+def loaded_libstdcxx():
+    """The libstdc++ shared library this process (torch) runs with, on Linux.
+
+    _C links it by path, so that libstdc++ is shared even where the compiler
+    would link its static archive (a toolchain whose library folder holds
+    only libstdc++.a): a private copy inside _C never sets up its streams, so
+    every error message that formats a number came out cut short, or crashed
+    the process."""
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.split()[-1]
+                if os.path.basename(path).startswith("libstdc++.so"):
+                    return path
+    except OSError:
+        pass
+    return None
+
+
 def version_line(command, pattern=r".+"):
     """The first line of `command --version` that matches pattern."""
     try:
@@ -102,19 +121,21 @@ def main():
         glob.glob("csrc/*.cpp") + glob.glob("csrc/common/*.cpp") + glob.glob("csrc/cpu/*.cpp")
     )
     cxx_flags = ["-O3", "-fopenmp"]
+    libstdcxx = loaded_libstdcxx()
+    link_args = ["-fopenmp"] + ([libstdcxx] if libstdcxx else [])
     if with_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
         cxx_flags.append("-DWITH_CUDA")
         extension = CUDAExtension(
             "pyconvext._C", sources, include_dirs=[os.path.join(ROOT, "csrc")],
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-DWITH_CUDA"]},
-            extra_link_args=["-fopenmp"],
+            extra_link_args=link_args,
         )
         extension.include_dirs += cuda_library_includes()
     else:
         extension = CppExtension(
             "pyconvext._C", sources, include_dirs=[os.path.join(ROOT, "csrc")],
-            extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"],
+            extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_args,
         )
 
     build_info = {

@@ -127,3 +127,15 @@ def test_setup_cpu_only_plan(monkeypatch):
     setup = load_setup_module()
     monkeypatch.setenv("USE_CUDA", "0")
     assert setup.cuda_plan(torch) == (False, "USE_CUDA=0")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ELF shared libraries")
+def test_links_libstdcxx_as_a_shared_library():
+    """A copy of libstdc++ inside _C (a driver that links it statically) never
+    sets up its streams: error messages that format numbers came out cut
+    short, or crashed the process, on such a toolchain."""
+    readelf = subprocess.run(["readelf", "-d", pyconvext._C.__file__], capture_output=True, text=True)
+    if readelf.returncode != 0:
+        pytest.skip("readelf is not available")
+    assert "libstdc++.so" in readelf.stdout
+    assert "libstdc++.so" in load_setup_module().loaded_libstdcxx()
