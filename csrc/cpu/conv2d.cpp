@@ -510,14 +510,19 @@ Tensor images_inner(const Tensor& x, const Conv2dGeometry& g) {
   return result;
 }
 
-// Whether the batch tiles serve a convolution: enough images to fill a tile's
-// rows, output channels for a panel at least (16 would leave half of each
-// FMA idle), enough input channels per tap to amortize the tap loops (stems
-// with 3 input channels run faster on the pixel tiles), and enough depth per
-// tile to amortize storing it (strided 1x1 layers of 64 channels do not).
+// Whether a convolution's shape suits the batch tiles: enough images to fill
+// a tile's rows, output channels for a panel at least (16 would leave half of
+// each FMA idle), and enough input channels per tap to amortize the tap loops
+// (stems with 3 input channels run faster on the pixel tiles).
+bool batch_tiles_fit(const Conv2dGeometry& g) {
+  return g.batch >= 8 && g.out_per_group() >= batch_panel_width<float>() && g.in_per_group() >= 16;
+}
+
+// Whether the batch tiles serve a convolution: its shape fits them, with
+// enough depth per tile to amortize storing it (strided 1x1 layers of 64
+// channels do not).
 bool use_batch_tiles(const Conv2dGeometry& g) {
-  return g.batch >= 8 && g.out_per_group() >= batch_panel_width<float>() && g.in_per_group() >= 16 &&
-         g.in_per_group() * g.kernel_h * g.kernel_w >= 128;
+  return batch_tiles_fit(g) && g.in_per_group() * g.kernel_h * g.kernel_w >= 128;
 }
 
 // out = the convolution of x by geometry g with weight w (and bias); with
@@ -638,15 +643,14 @@ struct BatchWeightGradTiles {
 };
 PYCONVEXT_DISPATCH_ISA(batch_weight_grad_tiles, BatchWeightGradTiles)
 
-// Whether the weight gradient runs on the batch tiles: as for the forward,
-// and on output planes from 5x5 to 16x16. Larger planes' grad_output and
+// Whether the weight gradient runs on the batch tiles: the shape fits them,
+// and output planes are from 5x5 to 16x16. Larger planes' grad_output and
 // input outgrow L2, and the direct kernel is faster there; on smaller ones
 // each tile's sums are short, and the columns' GEMM is faster (as measured on
 // the layers of ResNets).
 bool use_batch_weight_grad(const Conv2dGeometry& g) {
   const int64_t plane = g.out_h * g.out_w;
-  return g.batch >= 8 && g.out_per_group() >= batch_panel_width<float>() && g.in_per_group() >= 16 && plane > 16 &&
-         plane <= 256;
+  return batch_tiles_fit(g) && plane > 16 && plane <= 256;
 }
 
 template <typename T>
