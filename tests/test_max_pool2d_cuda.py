@@ -97,7 +97,7 @@ def test_gradients_match_the_cpu(gen, kwargs):
 
 
 def test_out_of_range_indices_are_ignored(gen):
-    """As native's CUDA kernel (the CPU operator raises instead)."""
+    """As native's CUDA kernel, and as our CPU kernel."""
     x = randn(gen, 1, 2, 6, 6).cuda()
     out, index = OPS.max_pool2d(x, [2, 2], [2, 2], [0, 0], [1, 1], False)
     wrong = index.clone()

@@ -3,6 +3,7 @@
 #include <c10/util/Exception.h>
 
 #include "common/checks.h"
+#include "common/sizes.h"
 
 namespace pyconvext {
 namespace {
@@ -79,15 +80,20 @@ Conv2dGeometry check(
   TORCH_CHECK((g.in_h > 0 && g.in_w > 0) || g.batch == 0 || g.in_channels == 0, op,
               ": only zero batch or zero channel inputs may be empty, but got input of size ", input.sizes());
 
-  const int64_t padded_h = g.in_h + 2 * g.pad_h, padded_w = g.in_w + 2 * g.pad_w;
-  const int64_t dilated_kh = g.dil_h * (g.kernel_h - 1) + 1;
-  const int64_t dilated_kw = g.dil_w * (g.kernel_w - 1) + 1;
+  g.padded_h = sizes::padded_extent(g.in_h, g.pad_h, op, "padding (the padded input height)");
+  g.padded_w = sizes::padded_extent(g.in_w, g.pad_w, op, "padding (the padded input width)");
+  const int64_t padded_h = g.padded_h, padded_w = g.padded_w;
+  const int64_t dilated_kh = sizes::dilated_extent(g.kernel_h, g.dil_h, op, "dilation (the dilated kernel height)");
+  const int64_t dilated_kw = sizes::dilated_extent(g.kernel_w, g.dil_w, op, "dilation (the dilated kernel width)");
   TORCH_CHECK(padded_h >= dilated_kh && padded_w >= dilated_kw, op,
               ": the (dilated) kernel ", dilated_kh, "x", dilated_kw,
               " is larger than the padded input ", padded_h, "x", padded_w,
               ", so the output would be empty");
-  g.out_h = conv_output_size(g.in_h, g.kernel_h, g.stride_h, g.pad_h, g.dil_h);
-  g.out_w = conv_output_size(g.in_w, g.kernel_w, g.stride_w, g.pad_w, g.dil_w);
+  g.out_h = sizes::conv_output_size(padded_h, dilated_kh, g.stride_h);
+  g.out_w = sizes::conv_output_size(padded_w, dilated_kw, g.stride_w);
+  sizes::numel({g.batch, g.out_channels, g.out_h, g.out_w}, input.element_size(), op, "the output");
+  g.stride_h = sizes::effective_stride(g.stride_h, g.out_h, padded_h, dilated_kh);
+  g.stride_w = sizes::effective_stride(g.stride_w, g.out_w, padded_w, dilated_kw);
 
   if (bias.has_value()) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == g.out_channels, op,

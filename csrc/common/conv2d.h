@@ -7,15 +7,7 @@
 #include <cstdint>
 #include <optional>
 
-#include "common/host_device.h"
-
 namespace pyconvext {
-
-// Native PyTorch's rule: floor((in + 2p - d(k-1) - 1) / s) + 1.
-PYCONVEXT_HOST_DEVICE inline int64_t conv_output_size(
-    int64_t in, int64_t kernel, int64_t stride, int64_t padding, int64_t dilation) {
-  return (in + 2 * padding - dilation * (kernel - 1) - 1) / stride + 1;
-}
 
 // Everything a kernel needs to know about one conv2d call, after validation.
 // Sizes are always those of the batched (4-D) problem.
@@ -23,7 +15,11 @@ struct Conv2dGeometry {
   int64_t batch, in_channels, in_h, in_w;
   int64_t out_channels, kernel_h, kernel_w, out_h, out_w;
   int64_t groups;
+  // Strides as given, except along a dimension with one output position
+  // (sizes::effective_stride); the output sizes follow native's rule
+  // (sizes::conv_output_size).
   int64_t stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;
+  int64_t padded_h, padded_w;  // in + 2 * padding
   bool batched;  // false for 3-D (C, H, W) input
   // Layout native uses for the output and the gradients: channels_last if the
   // input or the weight suggests it (but NCHW for float64 on CUDA).

@@ -2,6 +2,8 @@
 
 #include <c10/util/Exception.h>
 
+#include "common/sizes.h"
+
 namespace pyconvext {
 namespace {
 
@@ -106,7 +108,7 @@ LstmLayerGeometry check_lstm_layer(
                   op, ": batch_sizes must be positive and non-increasing, but got ",
                   c10::IntArrayRef(g.batch_sizes));
       g.offsets.push_back(rows);
-      rows += g.batch_sizes[t];
+      rows = sizes::add(rows, g.batch_sizes[t], op, "batch_sizes (their sum)");
     }
     TORCH_CHECK(rows == input.size(0), op, ": batch_sizes add up to ", rows,
                 " rows, but the packed input has ", input.size(0));
@@ -117,12 +119,17 @@ LstmLayerGeometry check_lstm_layer(
                 input.sizes());
     g.steps = input.size(0);
     g.batch = input.size(1);
-    g.rows = g.steps * g.batch;
-    for (int64_t t = 0; t < g.steps; ++t) {
+    g.rows = g.steps * g.batch;  // the input's own element count bounds it
+    // (An empty batch has no rows to run: the kernels return at once, for
+    // any number of steps, and need no per-step table.)
+    for (int64_t t = 0; t < (g.batch > 0 ? g.steps : 0); ++t) {
       g.batch_sizes.push_back(g.batch);
       g.offsets.push_back(t * g.batch);
     }
   }
+  // As native, which refuses an empty sequence.
+  TORCH_CHECK(g.steps > 0, op, ": expected a sequence of at least one step, but got input of size ",
+              input.sizes(), batch_sizes.has_value() ? " with no batch_sizes" : "");
   g.input_size = input.size(-1);
   TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) % 4 == 0, op,
               ": expected w_hh of size (4 * hidden_size, hidden_size or proj_size), but got "

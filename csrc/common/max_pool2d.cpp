@@ -5,6 +5,7 @@
 #include <limits>
 
 #include "common/checks.h"
+#include "common/sizes.h"
 
 namespace pyconvext {
 namespace {
@@ -32,6 +33,10 @@ Pool2dGeometry check(const char* op, const at::Tensor& input, c10::IntArrayRef k
   check_positive(op, "stride", stride);
   check_positive(op, "padding", padding, /*zero_allowed=*/true);
   check_positive(op, "dilation", dilation);
+  for (const auto& [name, values] : {std::pair<const char*, c10::IntArrayRef>{"kernel_size", kernel_size},
+                                     {"stride", stride}, {"padding", padding}, {"dilation", dilation}}) {
+    sizes::check_fits_int32(op, name, values);
+  }
   // (Native also checks padding against half the dilated kernel, which is
   // never smaller.)
   TORCH_CHECK(padding[0] <= kernel_size[0] / 2 && padding[1] <= kernel_size[1] / 2, op,
@@ -59,18 +64,25 @@ Pool2dGeometry check(const char* op, const at::Tensor& input, c10::IntArrayRef k
   g.pad_w = padding[1];
   g.dil_h = dilation[0];
   g.dil_w = dilation[1];
-  g.out_h = pool_output_size(g.in_h, g.kernel_h, g.stride_h, g.pad_h, g.dil_h, ceil_mode);
-  g.out_w = pool_output_size(g.in_w, g.kernel_w, g.stride_w, g.pad_w, g.dil_w, ceil_mode);
+  const int64_t padded_h = sizes::padded_extent(g.in_h, g.pad_h, op, "padding (the padded input height)");
+  const int64_t padded_w = sizes::padded_extent(g.in_w, g.pad_w, op, "padding (the padded input width)");
+  const int64_t dilated_kh = sizes::dilated_extent(g.kernel_h, g.dil_h, op, "dilation (the dilated kernel height)");
+  const int64_t dilated_kw = sizes::dilated_extent(g.kernel_w, g.dil_w, op, "dilation (the dilated kernel width)");
+  g.out_h = sizes::pool_output_size(g.in_h, g.pad_h, padded_h, dilated_kh, g.stride_h, ceil_mode);
+  g.out_w = sizes::pool_output_size(g.in_w, g.pad_w, padded_w, dilated_kw, g.stride_w, ceil_mode);
   TORCH_CHECK(g.out_h > 0 && g.out_w > 0, op, ": input of size ", input.sizes(),
               " is too small for kernel_size=", kernel_size, ", padding=", padding,
               " and dilation=", dilation, ": the output would be ", g.out_h, "x", g.out_w);
+  g.stride_h = sizes::effective_stride(g.stride_h, g.out_h, padded_h, dilated_kh);
+  g.stride_w = sizes::effective_stride(g.stride_w, g.out_w, padded_w, dilated_kw);
   // The kernels number the elements of a (padded) plane, and the channels,
   // with 32-bit integers.
-  TORCH_CHECK((g.in_h + 2 * g.pad_h + g.stride_h) * (g.in_w + 2 * g.pad_w + g.stride_w) <
-                      std::numeric_limits<int32_t>::max() &&
+  const auto padded_plane = sizes::try_product({padded_h + g.stride_h, padded_w + g.stride_w});
+  TORCH_CHECK(padded_plane.has_value() && *padded_plane < std::numeric_limits<int32_t>::max() &&
                   g.channels < std::numeric_limits<int32_t>::max(),
               op, ": planes or channels of 2^31 or more elements are not supported, but got "
               "input of size ", input.sizes());
+  sizes::numel({g.batch, g.channels, g.out_h, g.out_w}, input.element_size(), op, "the output");
 
   g.memory_format = g.batched ? input.suggest_memory_format() : at::MemoryFormat::Contiguous;
   return g;

@@ -10,18 +10,6 @@
 
 namespace pyconvext {
 
-// Native PyTorch's rule: floor((in + 2p - d(k-1) - 1) / s) + 1, rounded up
-// instead with ceil_mode, but then the last window must start inside the
-// input or its left padding.
-PYCONVEXT_HOST_DEVICE inline int64_t pool_output_size(
-    int64_t in, int64_t kernel, int64_t stride, int64_t padding, int64_t dilation, bool ceil_mode) {
-  const int64_t span = in + 2 * padding - dilation * (kernel - 1) - 1 + (ceil_mode ? stride - 1 : 0);
-  // Floor division: span is negative when the kernel does not fit.
-  int64_t out = (span >= 0 ? span / stride : -((-span + stride - 1) / stride)) + 1;
-  if (ceil_mode && (out - 1) * stride >= in + padding) --out;
-  return out;
-}
-
 // The first tap of a window that starts at `start` (the padded position of
 // its tap 0, possibly negative) and lies at or after 0. Native starts every
 // window's scan with this position as its index and -inf as its value.
@@ -44,6 +32,9 @@ PYCONVEXT_HOST_DEVICE inline bool replaces_max(T value, T max) {
 // validation. Sizes are those of the batched (4-D) problem.
 struct Pool2dGeometry {
   int64_t batch, channels, in_h, in_w, out_h, out_w;
+  // Strides as given, except along a dimension with one output position
+  // (sizes::effective_stride); the output sizes follow native's rule
+  // (sizes::pool_output_size).
   int64_t kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;
   bool batched;  // false for 3-D (C, H, W) input
   // Layout native uses for the outputs and the input gradient: the one the

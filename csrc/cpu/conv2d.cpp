@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "common/conv2d.h"
+#include "common/sizes.h"
 #include "cpu/gemm.h"
 #include "cpu/simd.h"
 
@@ -50,7 +51,7 @@ struct Span {
   int64_t lo, hi;
 };
 Span valid_outputs(int64_t out_size, int64_t in_size, int64_t stride, int64_t offset) {
-  const int64_t lo = offset >= 0 ? 0 : (-offset + stride - 1) / stride;
+  const int64_t lo = offset >= 0 ? 0 : sizes::ceil_div(-offset, stride);
   const int64_t last = in_size - 1 - offset;
   const int64_t hi = last >= 0 ? std::min(out_size, last / stride + 1) : 0;
   return {std::min(lo, hi), hi};
@@ -79,13 +80,25 @@ struct DirectLayout {
 constexpr int64_t kMaxVectorBytes = 64;                 // AVX-512
 constexpr int64_t kMaxTileBytes = 8 * kMaxVectorBytes;  // the widest pixel tile
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+using sizes::ceil_div;
+
+// Whether the layout above stays within a few times the input and output
+// planes (it holds about the padded plane per channel). Padding or dilation
+// far beyond the input (windows that mostly read zeros) would make it huge
+// where the output is small; such convolutions run on the columns, whose
+// workspace follows the output and the kernel.
+bool pixel_tiles_fit(const Conv2dGeometry& g) {
+  const auto padded = sizes::try_product({g.padded_h, g.padded_w});
+  const auto in_plane = sizes::try_product({g.in_h, g.in_w});  // (may overflow with no channels)
+  return padded.has_value() && in_plane.has_value() && *padded / 4 <= *in_plane + g.out_h * g.out_w + 16384;
+}
 
 DirectLayout direct_layout(const Conv2dGeometry& g, int64_t element_size) {
+  TORCH_INTERNAL_ASSERT(pixel_tiles_fit(g));  // which bounds every size below
   DirectLayout l;
   const bool shared_padding = g.stride_w == 1 && g.pad_w <= g.dil_w * (g.kernel_w - 1);
-  l.phase_h = ceil_div(g.in_h + 2 * g.pad_h, g.stride_h);
-  l.phase_w = shared_padding ? g.in_w + g.pad_w : ceil_div(g.in_w + 2 * g.pad_w, g.stride_w);
+  l.phase_h = ceil_div(g.padded_h, g.stride_h);
+  l.phase_w = shared_padding ? g.in_w + g.pad_w : ceil_div(g.padded_w, g.stride_w);
   l.phase_size = l.phase_h * l.phase_w + (shared_padding ? g.pad_w : 0);
   l.virtual_pixels = g.out_h * l.phase_w;
   int64_t max_offset = 0;
@@ -395,7 +408,7 @@ template <typename V, typename T, int Rows>
 std::pair<int64_t, int64_t> valid_taps(int64_t o, int64_t stride, int64_t pad, int64_t dil,
                                        int64_t kernel, int64_t size) {
   const int64_t origin = o * stride - pad;  // input index of tap 0
-  const int64_t lo = origin >= 0 ? 0 : (-origin + dil - 1) / dil;
+  const int64_t lo = origin >= 0 ? 0 : sizes::ceil_div(-origin, dil);
   const int64_t hi = origin > size - 1 ? 0 : std::min(kernel, (size - 1 - origin) / dil + 1);
   return {std::min(lo, hi), hi};
 }
@@ -707,6 +720,8 @@ Conv2dGeometry grad_input_geometry(const Conv2dGeometry& g) {
   t.out_w = g.in_w;
   t.pad_h = g.dil_h * (g.kernel_h - 1) - g.pad_h;
   t.pad_w = g.dil_w * (g.kernel_w - 1) - g.pad_w;
+  t.padded_h = sizes::padded_extent(t.in_h, t.pad_h, "pyconvext.conv2d_backward", "padding");
+  t.padded_w = sizes::padded_extent(t.in_w, t.pad_w, "pyconvext.conv2d_backward", "padding");
   return t;
 }
 
@@ -1167,7 +1182,7 @@ Tensor conv2d_cpu(const Tensor& input, const Tensor& weight, const std::optional
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pyconvext.conv2d", [&] {
       if (is_pointwise(g)) {
         forward_pointwise<scalar_t>(x, w, b, g, out);
-      } else if (use_columns(g, kColumnsForwardMaxPlane) && !use_batch_tiles(g)) {
+      } else if ((use_columns(g, kColumnsForwardMaxPlane) || !pixel_tiles_fit(g)) && !use_batch_tiles(g)) {
         forward_columns<scalar_t>(x, w, b, g, out);
       } else {
         forward_direct<scalar_t>(x, w, b, g, out);
@@ -1199,8 +1214,10 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_backward_cpu(
         backward_pointwise<scalar_t>(go, x, w, g, grad_input, grad_weight);
       } else {
         // Each gradient on the first that serves it of: the batch tiles, the
-        // columns (small planes), the direct kernels.
-        const bool columns = use_columns(g, kColumnsBackwardMaxPlane);
+        // columns (small planes, or padding the pixel tiles cannot afford),
+        // the direct kernels.
+        const bool columns = use_columns(g, kColumnsBackwardMaxPlane) || !pixel_tiles_fit(g) ||
+                             (grad_input_is_convolution(g) && !pixel_tiles_fit(grad_input_geometry(g)));
         const bool input_by_batch = grad_input_is_convolution(g) && use_batch_tiles(grad_input_geometry(g));
         Tensor columns_input = columns && !input_by_batch ? grad_input : Tensor();
         const bool weight_by_batch = use_batch_weight_grad(g);

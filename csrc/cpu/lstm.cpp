@@ -330,10 +330,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_cpu(
   Tensor output = at::empty({g.rows, g.output_size}, input.options());
   Tensor h_state = hx.clone(at::MemoryFormat::Contiguous);
   Tensor c_state = cx.clone(at::MemoryFormat::Contiguous);
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "pyconvext.lstm_layer", [&] {
-    layer_forward<scalar_t>(g, input, w_ih, w_hh, bias, w_hr, reverse, output, h_state, c_state,
-                            workspace);
-  });
+  if (g.rows > 0) {
+    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "pyconvext.lstm_layer", [&] {
+      layer_forward<scalar_t>(g, input, w_ih, w_hh, bias, w_hr, reverse, output, h_state, c_state,
+                              workspace);
+    });
+  }
   if (!batch_sizes.has_value()) output = output.view({g.steps, g.batch, g.output_size});
   return {output, h_state, c_state, workspace};
 }
@@ -444,7 +446,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_ba
   // Each row's previous hidden state: the output of the step before in the
   // forward's order, or hx where the sequence starts.
   Tensor h_prev = at::empty({g.rows, P}, input.options());
-  for (int64_t t = 0; t < g.steps; ++t) {
+  for (int64_t t = 0; t < (g.rows > 0 ? g.steps : 0); ++t) {
     const int64_t rows = g.batch_sizes[t], first = g.offsets[t];
     const int64_t before = reverse ? t + 1 : t - 1;
     const int64_t carried = before >= 0 && before < g.steps ? std::min(rows, g.batch_sizes[before]) : 0;
@@ -460,8 +462,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_ba
   Tensor grad_w_hh = at::empty(w_hh.sizes(), input.options());
   Tensor grad_w_hr = w_hr.has_value() ? at::empty(w_hr->sizes(), input.options()) : Tensor();
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "pyconvext.lstm_layer_backward", [&] {
-    layer_backward_steps<scalar_t>(g, grad_out, ws, w_hh, w_hr, reverse, grad_gates, grad_h,
-                                   grad_c, grad_projected);
+    if (g.rows > 0) {
+      layer_backward_steps<scalar_t>(g, grad_out, ws, w_hh, w_hr, reverse, grad_gates, grad_h,
+                                     grad_c, grad_projected);
+    }
     // The input and weight gradients, each one GEMM over all steps.
     cpu::gemm<scalar_t>(grad_gates, w_ih, grad_input, false);
     cpu::gemm<scalar_t>(grad_gates.t(), x, grad_w_ih, false);

@@ -21,7 +21,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstring>
 #include <limits>
 #include <type_traits>
@@ -99,21 +98,13 @@ void forward_channels_last(const Tensor& x, const Pool2dGeometry& g, Tensor& out
 
 // ---------------------------------------------------------------------------
 // Backward: each output's gradient goes to the input element its index names
-// (summed where windows overlap), in output order, as native does.
-
-// An index outside the plane, found by some task (which then stops).
-struct BadIndex {
-  std::atomic<bool> found{false};
-  std::atomic<int64_t> value{0};
-  void record(int64_t index) {
-    value.store(index);
-    found.store(true);
-  }
-};
+// (summed where windows overlap), in output order, as native does. An index
+// outside its plane (only hand-made indices have one) adds nothing, as in
+// the CUDA kernel and native's CUDA kernel.
 
 template <typename T>
 void backward_nchw(const Tensor& go, const Tensor& indices, const Pool2dGeometry& g,
-                   Tensor& grad_input, BadIndex& bad_index) {
+                   Tensor& grad_input) {
   const T* go_data = go.const_data_ptr<T>();
   const int64_t* index = indices.const_data_ptr<int64_t>();
   T* gi_data = grad_input.mutable_data_ptr<T>();
@@ -127,11 +118,7 @@ void backward_nchw(const Tensor& go, const Tensor& indices, const Pool2dGeometry
       const T* grad = go_data + plane * out_plane;
       for (int64_t o = 0; o < out_plane; ++o) {
         const int64_t k = idx[o];
-        if (k < 0 || k >= in_plane) {
-          bad_index.record(k);
-          return;
-        }
-        gi[k] += grad[o];
+        if (k >= 0 && k < in_plane) gi[k] += grad[o];
       }
     }
   });
@@ -139,7 +126,7 @@ void backward_nchw(const Tensor& go, const Tensor& indices, const Pool2dGeometry
 
 template <typename T>
 void backward_channels_last(const Tensor& go, const Tensor& indices, const Pool2dGeometry& g,
-                            Tensor& grad_input, BadIndex& bad_index) {
+                            Tensor& grad_input) {
   const T* go_data = go.const_data_ptr<T>();
   const int64_t* index = indices.const_data_ptr<int64_t>();
   T* gi_data = grad_input.mutable_data_ptr<T>();
@@ -159,11 +146,7 @@ void backward_channels_last(const Tensor& go, const Tensor& indices, const Pool2
       for (int64_t o = 0; o < out_plane; ++o) {
         for (int64_t c = c0; c < c1; ++c) {
           const int64_t k = idx[o * C + c];
-          if (k < 0 || k >= in_plane) {
-            bad_index.record(k);
-            return;
-          }
-          gi[k * C + c] += grad[o * C + c];
+          if (k >= 0 && k < in_plane) gi[k * C + c] += grad[o * C + c];
         }
       }
     }
@@ -252,17 +235,13 @@ Tensor max_pool2d_backward_cpu(const Tensor& grad_output, const Tensor& input,
   const Tensor go = prepare(grad_output, g);
   const Tensor idx = (g.batched ? indices : indices.unsqueeze(0)).contiguous(g.memory_format);
   Tensor grad_input = at::empty(g.input_sizes(), go.options().memory_format(g.memory_format));
-  BadIndex bad_index;
   AT_DISPATCH_FLOATING_TYPES(go.scalar_type(), "pyconvext.max_pool2d_backward", [&] {
     if (g.memory_format == at::MemoryFormat::ChannelsLast) {
-      backward_channels_last<scalar_t>(go, idx, g, grad_input, bad_index);
+      backward_channels_last<scalar_t>(go, idx, g, grad_input);
     } else {
-      backward_nchw<scalar_t>(go, idx, g, grad_input, bad_index);
+      backward_nchw<scalar_t>(go, idx, g, grad_input);
     }
   });
-  TORCH_CHECK_INDEX(!bad_index.found, "pyconvext.max_pool2d_backward: indices must be flat "
-                    "positions in the input's ", g.in_h, "x", g.in_w, " plane, in [0, ",
-                    g.in_h * g.in_w, "), but got ", bad_index.value.load());
   return finish(grad_input, input.scalar_type(), g);
 }
 

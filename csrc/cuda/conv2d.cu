@@ -916,6 +916,10 @@ ConvShape to_shape(const Conv2dGeometry& g, const char* op, std::initializer_lis
                   g.out_channels * g.in_per_group() * g.kernel_h * g.kernel_w <= kMax,
               op, ": the CUDA kernels index tensors with 32-bit integers, but the output of size [",
               g.batch, ", ", g.out_channels, ", ", g.out_h, ", ", g.out_w, "] has more than 2^31 - 1 elements");
+  // Every index the kernels form stays inside the padded input.
+  TORCH_CHECK(g.padded_h <= kMax && g.padded_w <= kMax, op,
+              ": the CUDA kernels index with 32-bit integers, but the padded input is ", g.padded_h, "x",
+              g.padded_w, " (padding=[", g.pad_h, ", ", g.pad_w, "])");
   const auto i = [](int64_t v) { return static_cast<int>(v); };
   return {i(g.batch), i(g.in_channels), i(g.in_h), i(g.in_w), i(g.out_channels), i(g.kernel_h),
           i(g.kernel_w), i(g.out_h), i(g.out_w), i(g.in_per_group()), i(g.out_per_group()),

@@ -13,7 +13,7 @@
 // (one output at most where windows do not overlap). No atomics, no zeroing
 // pass, and every element of the input gradient is written once, coalesced;
 // the result is deterministic. An index outside the plane names no element
-// and is ignored, as by native's CUDA kernel (the CPU operator raises).
+// and is ignored, as by native's CUDA kernel and our CPU kernel.
 //
 // Index arithmetic is 32-bit where every tensor has fewer than 2^31
 // elements, else 64-bit (the checks bound a plane below 2^31).
