@@ -2,6 +2,12 @@ import pytest
 import torch
 
 
+def pytest_addoption(parser):
+    parser.addoption("--fuzz-minutes", type=float, default=0,
+                     help="fuzz against native for this many minutes with fresh seeds (default: the short seeded slice)")
+    parser.addoption("--fuzz-log", metavar="FILE", help="append every fuzz case and both outcomes to FILE (JSON lines)")
+
+
 def pytest_configure(config):
     # References in float32 must not use TF32 on GPUs.
     torch.backends.cudnn.allow_tf32 = False

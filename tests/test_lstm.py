@@ -459,6 +459,26 @@ def test_lstm_bad_input(gen):
     with pytest.raises(RuntimeError, match=r"batch_sizes must be positive and non-increasing"):
         OPS.lstm_layer(randn(gen, 6, 5), randn(gen, 2, 6), randn(gen, 2, 6), randn(gen, 24, 5), randn(gen, 24, 6),
                        None, None, None, torch.tensor([2, 3, 1]), False)
+    with pytest.raises(RuntimeError, match=r"^pyconvext.lstm_layer: batch_sizes \(their sum\) overflows 64-bit"):
+        OPS.lstm_layer(randn(gen, 6, 5), randn(gen, 2, 6), randn(gen, 2, 6), randn(gen, 24, 5), randn(gen, 24, 6),
+                       None, None, None, torch.tensor([2**63 - 1, 2**63 - 1, 3]), False)
+    # An empty sequence, as native refuses it.
+    with pytest.raises(RuntimeError, match="Expected sequence length to be larger than 0"):
+        native(randn(gen, 0, 3, 5))
+    with pytest.raises(RuntimeError, match=r"^pyconvext.lstm_layer: expected a sequence of at least one step, "
+                                           r"but got input of size \[0, 3, 5\]"):
+        ours(randn(gen, 0, 3, 5))
+
+
+def test_lstm_empty_batch_any_steps(gen):
+    """An empty batch has nothing to run, however many steps it has (2**40
+    steps would otherwise loop or allocate per step)."""
+    native, ours = lstms(gen, 5, 6)
+    x = randn(gen, 4, 0, 5)
+    for got, want in zip(ours(x), native(x)):
+        torch.testing.assert_close(got, want)
+    output, (h, c) = ours(torch.empty(2**40, 0, 5))
+    assert output.shape == (2**40, 0, 6) and h.shape == c.shape == (1, 0, 6)
 
 
 def test_lstm_module_state_dict(gen):

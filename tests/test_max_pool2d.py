@@ -323,6 +323,10 @@ def t(*shape, dtype=torch.float32):
 
 # (name, input, keyword arguments, error, message)
 BAD_INPUTS = [
+    ("stride over 32 bits", t(1, 1, 5, 5), dict(kernel_size=2, stride=2**62), RuntimeError,
+     r"stride must fit in a 32-bit integer \(at most 2147483647\), but got stride=\[4611686018427387904, "),
+    ("kernel over 32 bits", t(1, 1, 5, 5), dict(kernel_size=(1, 2**31)), RuntimeError,
+     r"kernel_size must fit in a 32-bit integer"),
     ("2-D input", t(8, 8), dict(kernel_size=2), RuntimeError,
      r"expected 3-D \(C, H, W\) or 4-D \(N, C, H, W\) input with non-zero C, H and W \(N may be 0\), "
      r"but got input of size \[8, 8\]"),

@@ -53,15 +53,22 @@ inline std::optional<int64_t> try_product(std::initializer_list<int64_t> sizes) 
   return out;
 }
 
-// Elements of a tensor of these sizes, checked to fit in int64 also as bytes
-// of `element_size`.
+// Elements of a contiguous tensor of these sizes, checked to fit in int64
+// as bytes of `element_size`, and so are its strides (the product of the
+// sizes without the zeros: an empty tensor still has strides).
 inline int64_t numel(std::initializer_list<int64_t> sizes, int64_t element_size, const char* op,
                      const char* what) {
-  const auto elements = try_product(sizes);
-  const auto bytes = elements.has_value() ? try_mul(*elements, element_size) : std::nullopt;
-  TORCH_CHECK(bytes.has_value(), op, ": ", what, " of size ", c10::IntArrayRef(sizes),
+  int64_t span = element_size;
+  bool fits = true;
+  for (const int64_t size : sizes) {
+    const auto next = try_mul(span, std::max<int64_t>(size, 1));
+    fits = fits && next.has_value();
+    span = next.value_or(span);
+  }
+  TORCH_CHECK(fits, op, ": ", what, " of size ", c10::IntArrayRef(sizes),
               " would have more elements than 64-bit integers count");
-  return *elements;
+  const bool empty = std::find(sizes.begin(), sizes.end(), 0) != sizes.end();
+  return empty ? 0 : span / element_size;
 }
 
 // ceil(a / b) and floor(a / b) for b > 0, without the overflow of a + b - 1.
