@@ -419,7 +419,7 @@ BAD_INPUTS = [
     ("same padding with stride", (t(2, 3, 8, 8), t(4, 3, 3, 3), None, 2, "same", 1, 1), RuntimeError,
      r"padding='same' is not supported for strided convolutions"),
     ("padding overflows", (t(2, 3, 8, 8), t(4, 3, 3, 3), None, 1, (2**62, 0), 1, 1), RuntimeError,
-     r"padding \(the padded input height\) overflows 64-bit integers \(4611686018427387904 \* 2\)"),
+     r"padding \(the padded input height\) overflows 64-bit integers \(2 \* 4611686018427387904\)"),
     ("dilated kernel overflows", (t(2, 3, 8, 8), t(4, 3, 3, 3), None, 1, 0, (1, 2**62), 1), RuntimeError,
      r"dilation \(the dilated kernel width\) overflows 64-bit integers"),
     ("output strides overflow", (t(0, 3, 8, 8), t(4, 3, 1, 1), None, 1, 2**31, 1, 1), RuntimeError,
