@@ -15,6 +15,7 @@ import signal
 import sys
 import tempfile
 import time
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -158,6 +159,7 @@ def run_side(case, side, folder, timeout):
 def main():
     timeout = float(sys.argv[1]) if len(sys.argv) > 1 else 20.0
     torch.set_num_threads(1)  # no thread pool before the forks; cases are small
+    warnings.simplefilter("ignore")  # native's notes about its own paths
     for line in sys.stdin:
         case = json.loads(line)
         folder = tempfile.mkdtemp(prefix="pyconvext-fuzz-")
