@@ -1038,7 +1038,8 @@ void grad_input_col2im(const Tensor& grad_out, const Tensor& w, const Conv2dGeom
   const Tensor go4 = grad_out.view({g.batch, g.groups, out_per_group, plane});
   grad_input.zero_();
   T* gi_data = grad_input.mutable_data_ptr<T>();
-  for_each_image(g.batch, rows * plane, w.options(), [&](int64_t n, Tensor& scratch) {
+  const int64_t scratch_size = sizes::mul(rows, plane, "pyconvext.conv2d_backward", "the columns workspace");
+  for_each_image(g.batch, scratch_size, w.options(), [&](int64_t n, Tensor& scratch) {
     Tensor cols = scratch.view({rows, plane});
     for (int64_t grp = 0; grp < g.groups; ++grp) {
       cpu::gemm<T>(w3[grp].t(), go4[n][grp], cols, false);
@@ -1069,8 +1070,9 @@ bool use_columns(const Conv2dGeometry& g, int64_t max_plane) {
 template <typename Body>
 void for_each_column_chunk(const Conv2dGeometry& g, const at::TensorOptions& options, Body body) {
   const int64_t rows = g.in_per_group() * g.kernel_h * g.kernel_w, plane = g.out_h * g.out_w;
-  const int64_t chunk = std::clamp<int64_t>(kColumnsMaxElements / std::max<int64_t>(rows * plane, 1), 1, g.batch);
-  Tensor cols = at::empty({rows * chunk * plane}, options);
+  const int64_t per_image = sizes::mul(rows, plane, "pyconvext.conv2d", "the columns workspace");
+  const int64_t chunk = std::clamp<int64_t>(kColumnsMaxElements / std::max<int64_t>(per_image, 1), 1, g.batch);
+  Tensor cols = at::empty({per_image * chunk}, options);  // chunk > 1 only below kColumnsMaxElements
   for (int64_t n0 = 0; n0 < g.batch; n0 += chunk) {
     const int64_t count = std::min(chunk, g.batch - n0);
     body(n0, count, cols.narrow(0, 0, rows * count * plane).view({rows, count * plane}));
