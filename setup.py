@@ -119,6 +119,7 @@ def main():
 
     sources = sorted(
         glob.glob("csrc/*.cpp") + glob.glob("csrc/common/*.cpp") + glob.glob("csrc/cpu/*.cpp")
+        + glob.glob("csrc/autograd/*.cpp")
     )
     cxx_flags = ["-O3", "-fopenmp"]
     libstdcxx = loaded_libstdcxx()

@@ -1,12 +1,7 @@
-// Operator schemas of pyconvext. Kernels register per dispatch key in
-// cpu/<op>.cpp and cuda/<op>.cu; autograd and fake (meta) kernels are
-// registered from Python in pyconvext/_registrations.py, but for the autograd
-// kernels of max_pool2d_values and lstm_layer_values (below).
+// Operator schemas of pyconvext. Kernels register per dispatch key: CPU in
+// cpu/<op>.cpp, CUDA in cuda/<op>.cu, Autograd in autograd/<op>.cpp; fake
+// (meta) kernels from Python, in pyconvext/_registrations.py.
 
-#include <ATen/core/LegacyTypeDispatch.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/core/dispatch/Dispatcher.h>
-#include <ATen/core/grad_mode.h>
 #include <torch/library.h>
 
 #include "cpu/simd.h"
@@ -71,56 +66,6 @@ TORCH_LIBRARY(pyconvext, m) {
       "bool reverse, Tensor output, Tensor workspace, bool has_bias) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
-}
-
-namespace {
-
-// The operator `name`, typed as its autograd kernel F, to call below autograd.
-template <typename F>
-c10::TypedOperatorHandle<F> typed_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<F>();
-}
-
-// max_pool2d_values has no gradient (its backward would need the indices it
-// does not compute). Its autograd kernel refuses an input that needs one and
-// otherwise goes straight on to the CPU or CUDA kernel; in C++ it costs a
-// fraction of what a Python autograd kernel adds to every call.
-at::Tensor max_pool2d_values_autograd(const at::Tensor& input, c10::IntArrayRef kernel_size,
-                                      c10::IntArrayRef stride, c10::IntArrayRef padding,
-                                      c10::IntArrayRef dilation, bool ceil_mode) {
-  TORCH_CHECK(!(input.requires_grad() && at::GradMode::is_enabled()),
-              "pyconvext.max_pool2d_values: the input requires grad, but this operator has no "
-              "gradient; use pyconvext::max_pool2d, which returns the indices its backward needs "
-              "(pyconvext.functional.max_pool2d chooses it by itself)");
-  static const auto op = typed_op<decltype(max_pool2d_values_autograd)>("pyconvext::max_pool2d_values");
-  at::AutoDispatchBelowADInplaceOrView below_autograd;
-  return op.call(input, kernel_size, stride, padding, dilation, ceil_mode);
-}
-
-// Likewise for lstm_layer_values, which saves no activations for a backward.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_values_autograd(
-    const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& w_ih,
-    const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
-    const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& w_hr,
-    const std::optional<at::Tensor>& batch_sizes, bool reverse) {
-  const auto needs_grad = [](const at::Tensor& t) { return t.defined() && t.requires_grad(); };
-  TORCH_CHECK(!at::GradMode::is_enabled() ||
-                  !(needs_grad(input) || needs_grad(hx) || needs_grad(cx) || needs_grad(w_ih) ||
-                    needs_grad(w_hh) || needs_grad(b_ih.value_or(at::Tensor())) ||
-                    needs_grad(b_hh.value_or(at::Tensor())) || needs_grad(w_hr.value_or(at::Tensor()))),
-              "pyconvext.lstm_layer_values: an argument requires grad, but this operator has no "
-              "gradient; use pyconvext::lstm_layer, which saves what its backward needs "
-              "(pyconvext.functional.lstm chooses it by itself)");
-  static const auto op = typed_op<decltype(lstm_layer_values_autograd)>("pyconvext::lstm_layer_values");
-  at::AutoDispatchBelowADInplaceOrView below_autograd;
-  return op.call(input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse);
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(pyconvext, Autograd, m) {
-  m.impl("max_pool2d_values", &max_pool2d_values_autograd);
-  m.impl("lstm_layer_values", &lstm_layer_values_autograd);
 }
 
 // Built as the Python extension pyconvext._C: importing it loads this library,

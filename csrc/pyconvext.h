@@ -5,8 +5,9 @@
 // loaded. Link the library with --no-as-needed (the CMake target does), since
 // nothing here refers to its symbols directly.
 //
-// Autograd for these operators is registered from Python only; C++ callers
-// call the backward operators themselves.
+// Autograd for these operators is registered in the library itself
+// (csrc/autograd/), so tensors that require grad get gradients through them
+// with backward(), as with ATen's operators.
 
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -79,6 +80,75 @@ inline at::Tensor max_pool2d_backward(
       const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::IntArrayRef,
       c10::IntArrayRef, c10::IntArrayRef, c10::IntArrayRef, bool)>("pyconvext::max_pool2d_backward");
   return op.call(grad_output, input, indices, kernel_size, stride, padding, dilation, ceil_mode);
+}
+
+// One LSTM step (gates i, f, g, o), as at::lstm_cell: returns (hy, cy,
+// workspace), the workspace holding the activations the backward needs.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell(
+    const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih = std::nullopt,
+    const std::optional<at::Tensor>& b_hh = std::nullopt) {
+  static const auto op = find_op<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+      const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+      const std::optional<at::Tensor>&, const std::optional<at::Tensor>&)>("pyconvext::lstm_cell");
+  return op.call(input, hx, cx, w_ih, w_hh, b_ih, b_hh);
+}
+
+// Gradients of lstm_cell with respect to (input, hx, cx, w_ih, w_hh, bias);
+// the bias gradient (of b_ih and b_hh alike) is undefined without has_bias.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+lstm_cell_backward(const at::Tensor& grad_hy, const at::Tensor& grad_cy, const at::Tensor& input,
+                   const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& w_ih,
+                   const at::Tensor& w_hh, const at::Tensor& workspace, bool has_bias) {
+  static const auto op = find_op<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+      const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+      const at::Tensor&, const at::Tensor&, const at::Tensor&, bool)>("pyconvext::lstm_cell_backward");
+  return op.call(grad_hy, grad_cy, input, hx, cx, w_ih, w_hh, workspace, has_bias);
+}
+
+// One direction of one LSTM layer over a whole sequence: input (steps,
+// batch, input_size), or packed rows with batch_sizes; w_hr projects the
+// hidden state (proj_size). Returns (output, hy, cy, workspace).
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer(
+    const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
+    const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& batch_sizes, bool reverse) {
+  static const auto op = find_op<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+      const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+      const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+      const std::optional<at::Tensor>&, bool)>("pyconvext::lstm_layer");
+  return op.call(input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse);
+}
+
+// The (output, hy, cy) of lstm_layer without its workspace, for inference
+// (it refuses arguments that require grad).
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_values(
+    const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
+    const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& batch_sizes, bool reverse) {
+  static const auto op = find_op<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+      const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+      const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+      const std::optional<at::Tensor>&, bool)>("pyconvext::lstm_layer_values");
+  return op.call(input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse);
+}
+
+// Gradients of lstm_layer with respect to (input, hx, cx, w_ih, w_hh, bias,
+// w_hr); bias and w_hr undefined where absent.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+lstm_layer_backward(const at::Tensor& grad_output, const at::Tensor& grad_hy, const at::Tensor& grad_cy,
+                    const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx,
+                    const at::Tensor& w_ih, const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr,
+                    const std::optional<at::Tensor>& batch_sizes, bool reverse, const at::Tensor& output,
+                    const at::Tensor& workspace, bool has_bias) {
+  static const auto op = find_op<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                                            at::Tensor, at::Tensor>(
+      const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+      const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+      const std::optional<at::Tensor>&, bool, const at::Tensor&, const at::Tensor&, bool)>(
+      "pyconvext::lstm_layer_backward");
+  return op.call(grad_output, grad_hy, grad_cy, input, hx, cx, w_ih, w_hh, w_hr, batch_sizes, reverse,
+                 output, workspace, has_bias);
 }
 
 }  // namespace pyconvext

@@ -32,9 +32,10 @@ def run_bench(args):
             bench.pyplot()  # fail now, not after the races
         except ImportError as error:
             sys.exit(f"pyconvext bench: {error}")
-    catalogs = list(OPS) if args.op == "all" or (args.op is None and not args.models) else []
+    catalogs = list(OPS) if args.op == "all" or (args.op is None and not args.models and not args.overhead) else []
     catalogs += [args.op] if args.op in OPS else []
     catalogs += ["models"] if args.models else []
+    catalogs += ["overhead"] if args.overhead else []
     setting = args.dtype
     if args.batch:
         setting += f", batch {args.batch}"
@@ -132,8 +133,10 @@ def main(argv=None):
 
     p = commands.add_parser("bench", help="race our kernels against native PyTorch")
     p.add_argument("--op", choices=[*OPS, "all"],
-                   help="operator catalog to race (default: all, unless only --models is given)")
+                   help="operator catalog to race (default: all, unless only --models or --overhead is given)")
     p.add_argument("--models", action="store_true", help="also race whole networks, ours against native")
+    p.add_argument("--overhead", action="store_true",
+                   help="also time one call per operator on a tiny input, one thread (the per-call cost)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32")
     p.add_argument("--layers", nargs="+", metavar="NAME", help="only these catalog layers")

@@ -1,10 +1,8 @@
-"""Fake (shape) kernels and autograd for every pyconvext operator.
+"""Fake (shape) kernels for every pyconvext operator, and autocast for the LSTM.
 
-The compiled library defines the operators and their CPU / CUDA kernels; this
-module teaches the rest of PyTorch about them: register_fake gives the output
-metadata for torch.compile, torch.export and fake tensors; register_autograd
-wires each operator to its backward operator. (max_pool2d_values has no
-gradient: its autograd kernel, in csrc/ops.cpp, refuses inputs that need one.)
+The compiled library defines the operators with their CPU, CUDA and autograd
+kernels (csrc/autograd/); this module teaches the rest of PyTorch their output
+metadata (register_fake) for torch.compile, torch.export and fake tensors.
 """
 
 import torch
@@ -55,26 +53,6 @@ def _conv2d_fake(input, weight, bias, stride, padding, dilation, groups):
     return out if batched else out.squeeze(0)
 
 
-def _conv2d_setup_context(ctx, inputs, output):
-    input, weight, bias, stride, padding, dilation, groups = inputs
-    ctx.save_for_backward(input, weight)
-    ctx.params = (stride, padding, dilation, groups)
-
-
-def _conv2d_backward(ctx, grad_output):
-    input, weight = ctx.saved_tensors
-    mask = list(ctx.needs_input_grad[:3])
-    grad_input, grad_weight, grad_bias = torch.ops.pyconvext.conv2d_backward(
-        grad_output, input, weight, *ctx.params, mask
-    )
-    return grad_input, grad_weight, grad_bias, None, None, None, None
-
-
-torch.library.register_autograd(
-    "pyconvext::conv2d", _conv2d_backward, setup_context=_conv2d_setup_context
-)
-
-
 # --- conv2d_backward ----------------------------------------------------------
 
 @torch.library.register_fake("pyconvext::conv2d_backward")
@@ -91,47 +69,6 @@ def _conv2d_backward_fake(grad_output, input, weight, stride, padding, dilation,
     if output_mask[2]:
         grad_bias = weight.new_empty((weight.shape[0],))
     return grad_input, grad_weight, grad_bias
-
-
-def _conv2d_backward_setup_context(ctx, inputs, output):
-    grad_output, input, weight, stride, padding, dilation, groups, output_mask = inputs
-    ctx.save_for_backward(grad_output, input, weight)
-    ctx.params = (stride, padding, dilation, groups)
-
-
-def _conv2d_double_backward(ctx, grad_grad_input, grad_grad_weight, grad_grad_bias):
-    """conv2d_backward is bilinear: grad_input in (grad_output, weight),
-    grad_weight in (grad_output, input), so its derivatives are convolutions
-    again, computed with our own operators."""
-    grad_output, input, weight = ctx.saved_tensors
-    ops = torch.ops.pyconvext
-    need_grad_output, need_input, need_weight = ctx.needs_input_grad[:3]
-    g_grad_output = g_input = g_weight = None
-    if need_grad_output:
-        terms = []
-        if grad_grad_input is not None:
-            terms.append(ops.conv2d(grad_grad_input, weight, grad_grad_bias, *ctx.params))
-        elif grad_grad_bias is not None:
-            terms.append(grad_grad_bias.view(-1, 1, 1).expand_as(grad_output))
-        if grad_grad_weight is not None:
-            terms.append(ops.conv2d(input, grad_grad_weight, None, *ctx.params))
-        g_grad_output = sum(terms) if terms else None
-    if need_input and grad_grad_weight is not None:
-        g_input = ops.conv2d_backward(
-            grad_output, input, grad_grad_weight, *ctx.params, [True, False, False]
-        )[0]
-    if need_weight and grad_grad_input is not None:
-        g_weight = ops.conv2d_backward(
-            grad_output, grad_grad_input, weight, *ctx.params, [False, True, False]
-        )[1]
-    return g_grad_output, g_input, g_weight, None, None, None, None, None
-
-
-torch.library.register_autograd(
-    "pyconvext::conv2d_backward",
-    _conv2d_double_backward,
-    setup_context=_conv2d_backward_setup_context,
-)
 
 
 # --- max_pool2d ----------------------------------------------------------------
@@ -180,45 +117,6 @@ def _max_pool2d_backward_fake(grad_output, input, indices, kernel_size, stride, 
     return torch.empty_like(input, memory_format=torch.contiguous_format)
 
 
-def _max_pool2d_setup_context(ctx, inputs, output):
-    input, *params = inputs
-    ctx.save_for_backward(input, output[1])
-    ctx.params = params
-
-
-def _max_pool2d_grad(ctx, grad_output, grad_indices):
-    input, indices = ctx.saved_tensors
-    return (torch.ops.pyconvext.max_pool2d_backward(grad_output, input, indices, *ctx.params),
-            None, None, None, None, None)
-
-
-torch.library.register_autograd(
-    "pyconvext::max_pool2d", _max_pool2d_grad, setup_context=_max_pool2d_setup_context
-)
-
-
-def _max_pool2d_backward_setup_context(ctx, inputs, output):
-    grad_output, input, indices, *params = inputs
-    ctx.save_for_backward(indices)
-    ctx.shape = grad_output.shape
-
-
-def _max_pool2d_double_backward(ctx, grad_grad_input):
-    """max_pool2d_backward is linear in grad_output: it scatters each element
-    to its index, so its derivative gathers from the same indices."""
-    (indices,) = ctx.saved_tensors
-    g_grad_output = torch.gather(
-        grad_grad_input.flatten(-2), -1, indices.flatten(-2)
-    ).view(ctx.shape)
-    return g_grad_output, None, None, None, None, None, None, None
-
-
-torch.library.register_autograd(
-    "pyconvext::max_pool2d_backward", _max_pool2d_double_backward,
-    setup_context=_max_pool2d_backward_setup_context,
-)
-
-
 # --- lstm_cell ----------------------------------------------------------------------
 
 @torch.library.register_fake("pyconvext::lstm_cell")
@@ -232,32 +130,6 @@ def _lstm_cell_backward_fake(grad_hy, grad_cy, input, hx, cx, w_ih, w_hh, worksp
     grad_bias = w_ih.new_empty((w_ih.shape[0],)) if has_bias else None
     return (torch.empty_like(input), torch.empty_like(hx), torch.empty_like(cx), torch.empty_like(w_ih),
             torch.empty_like(w_hh), grad_bias)
-
-
-def _lstm_cell_setup_context(ctx, inputs, output):
-    input, hx, cx, w_ih, w_hh, b_ih, b_hh = inputs
-    ctx.save_for_backward(input, hx, cx, w_ih, w_hh, output[2])
-    ctx.biases = (b_ih is not None, b_hh is not None)
-    ctx.mark_non_differentiable(output[2])
-    # No zeros for the workspace's gradient on every call (nor for an unused state).
-    ctx.set_materialize_grads(False)
-
-
-def _lstm_cell_grad(ctx, grad_hy, grad_cy, grad_workspace):
-    input, hx, cx, w_ih, w_hh, workspace = ctx.saved_tensors
-    grad_hy = torch.zeros_like(hx) if grad_hy is None else grad_hy
-    grad_cy = torch.zeros_like(cx) if grad_cy is None else grad_cy
-    grads = torch.ops.pyconvext.lstm_cell_backward(
-        grad_hy, grad_cy, input, hx, cx, w_ih, w_hh, workspace, any(ctx.biases)
-    )
-    # Both biases add to the same gate pre-activations: one gradient for both.
-    grad_b_ih, grad_b_hh = (grads[5] if given else None for given in ctx.biases)
-    return (*grads[:5], grad_b_ih, grad_b_hh)
-
-
-torch.library.register_autograd(
-    "pyconvext::lstm_cell", _lstm_cell_grad, setup_context=_lstm_cell_setup_context
-)
 
 
 # --- lstm_layer ---------------------------------------------------------------------
@@ -284,50 +156,8 @@ def _lstm_layer_backward_fake(grad_output, grad_hy, grad_cy, input, hx, cx, w_ih
             torch.empty_like(w_hr) if w_hr is not None else None)
 
 
-def _lstm_layer_setup_context(ctx, inputs, output):
-    input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse = inputs
-    ctx.save_for_backward(input, hx, cx, w_ih, w_hh, w_hr, batch_sizes, output[0], output[3])
-    ctx.biases = (b_ih is not None, b_hh is not None)
-    ctx.reverse = reverse
-    ctx.mark_non_differentiable(output[3])
-    ctx.set_materialize_grads(False)
+# --- LSTM: float32 under autocast ---------------------------------------------------
 
-
-def _lstm_layer_grad(ctx, grad_output, grad_hy, grad_cy, grad_workspace):
-    input, hx, cx, w_ih, w_hh, w_hr, batch_sizes, output, workspace = ctx.saved_tensors
-    grad_output = torch.zeros_like(output) if grad_output is None else grad_output
-    grad_hy = torch.zeros_like(hx) if grad_hy is None else grad_hy
-    grad_cy = torch.zeros_like(cx) if grad_cy is None else grad_cy
-    grads = torch.ops.pyconvext.lstm_layer_backward(
-        grad_output, grad_hy, grad_cy, input, hx, cx, w_ih, w_hh, w_hr, batch_sizes, ctx.reverse,
-        output, workspace, any(ctx.biases),
-    )
-    grad_b_ih, grad_b_hh = (grads[5] if given else None for given in ctx.biases)
-    return (*grads[:5], grad_b_ih, grad_b_hh, grads[6], None, None)
-
-
-torch.library.register_autograd(
-    "pyconvext::lstm_layer", _lstm_layer_grad, setup_context=_lstm_layer_setup_context
-)
-
-
-# --- LSTM: no double backward; float32 under autocast ------------------------------
-
-def _no_double_backward(op):
-    def setup_context(ctx, inputs, output):
-        pass
-
-    def backward(ctx, *grads):
-        raise NotImplementedError(
-            f"pyconvext.{op}: double backward (a gradient of the LSTM's gradients, e.g. "
-            "create_graph=True) is not supported"
-        )
-
-    torch.library.register_autograd(f"pyconvext::{op}_backward", backward, setup_context=setup_context)
-
-
-for _op in ("lstm_cell", "lstm_layer"):
-    _no_double_backward(_op)
 # The kernels take float32 and float64: under autocast (bfloat16 / float16
 # elsewhere) they run in float32, as native's fused LSTM cells do on the CPU.
 for _op in ("lstm_cell", "lstm_layer", "lstm_layer_values"):

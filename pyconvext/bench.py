@@ -232,7 +232,7 @@ MODEL_CATALOG = (
 
 def has_kernel(op, device):
     """Whether this build has our kernel for a catalog's operator on `device`."""
-    name = {"lstm": "lstm_cell", "models": "conv2d"}.get(op, op)
+    name = {"lstm": "lstm_cell", "models": "conv2d", "overhead": "conv2d"}.get(op, op)
     return device.upper() in KERNELS[name]
 
 
@@ -244,8 +244,24 @@ def has_torchvision():
     return True
 
 
+@dataclasses.dataclass(frozen=True)
+class OverheadCase:
+    """One call of an operator on a tiny input: what the call costs beyond
+    its arithmetic (argument handling, dispatch, autograd), ours against native."""
+
+    name: str
+    batch: int = 1
+
+    def shape(self):
+        return {"conv2d": "1x1x4x4 k3", "max_pool2d": "1x1x4x4 k2", "max_pool2d.indices": "1x1x4x4 k2",
+                "lstm_cell": "B1 I4 H4", "lstm.step": "T1 B1 I4 H4"}[self.name]
+
+
+OVERHEAD_CATALOG = tuple(OverheadCase(name) for name in
+                         ("conv2d", "max_pool2d", "max_pool2d.indices", "lstm_cell", "lstm.step"))
+
 CATALOGS = {"conv2d": CONV2D_CATALOG, "max_pool2d": MAX_POOL2D_CATALOG, "lstm": LSTM_CATALOG,
-            "models": MODEL_CATALOG}
+            "models": MODEL_CATALOG, "overhead": OVERHEAD_CATALOG}
 
 
 @dataclasses.dataclass
@@ -458,10 +474,45 @@ def model_cases(model, device="cpu", dtype=torch.float32):
     ]
 
 
+def overhead_cases(case, device="cpu", dtype=torch.float32):
+    """(mode, native fn, ours fn, calls) for one call on a tiny input: the
+    module's forward under no_grad, and forward+backward into the input's and
+    every parameter's gradient. (Run with one thread: see run().)"""
+    torch.manual_seed(0)
+    kind = case.name.split(".")[0]
+    native = {"conv2d": lambda: torch.nn.Conv2d(1, 1, 3), "max_pool2d": lambda: torch.nn.MaxPool2d(2),
+              "lstm_cell": lambda: torch.nn.LSTMCell(4, 4), "lstm": lambda: torch.nn.LSTM(4, 4)}[kind]()
+    if case.name == "max_pool2d.indices":
+        native.return_indices = True
+    native = native.to(device, dtype)
+    ours = convert(native, inplace=False)
+    shape = {"conv2d": (1, 1, 4, 4), "max_pool2d": (1, 1, 4, 4), "lstm_cell": (1, 4), "lstm": (1, 1, 4)}[kind]
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device, dtype).requires_grad_()
+
+    def forward(module):
+        def run():
+            with torch.no_grad():
+                return module(x)
+        return run
+
+    def forward_backward(module):
+        leaves = [x, *module.parameters()]
+
+        def run():
+            out = module(x)
+            first = out[0] if isinstance(out, tuple) else out
+            return torch.autograd.grad(first.sum(), leaves)
+        return run
+
+    return [("forward", forward(native), forward(ours), 1),
+            ("forward+backward", forward_backward(native), forward_backward(ours), 1)]
+
+
 CASES = {"conv2d": conv2d_cases, "max_pool2d": max_pool2d_cases, "lstm": lstm_cases,
-         "models": model_cases}
-UNITS = {"conv2d": "GFLOP/s", "max_pool2d": "GB/s", "lstm": "GFLOP/s", "models": "images/s"}
-UNIT_SCALE = {"GFLOP/s": 1e9, "GB/s": 1e9, "images/s": 1}
+         "models": model_cases, "overhead": overhead_cases}
+UNITS = {"conv2d": "GFLOP/s", "max_pool2d": "GB/s", "lstm": "GFLOP/s", "models": "images/s",
+         "overhead": "calls/s"}
+UNIT_SCALE = {"GFLOP/s": 1e9, "GB/s": 1e9, "images/s": 1, "calls/s": 1}
 
 
 def copy_bandwidth(device="cpu", megabytes=128):
@@ -476,7 +527,18 @@ def copy_bandwidth(device="cpu", megabytes=128):
 def run(op, device="cpu", dtype=torch.float32, layers=None, min_time=2.0, progress=None,
         batch_scale=1, batch=None):
     """Races every catalog layer of `op` (or those named in `layers`), with the
-    catalog's batch sizes times batch_scale (or all at `batch`); returns Results."""
+    catalog's batch sizes times batch_scale (or all at `batch`); returns Results.
+    The overhead catalog runs on one thread (per-call costs, without the
+    threads' start-up in them)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1 if op == "overhead" else threads)
+    try:
+        return _run(op, device, dtype, layers, min_time, progress, batch_scale, batch)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(op, device, dtype, layers, min_time, progress, batch_scale, batch):
     if device == "cuda":
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
@@ -561,6 +623,10 @@ def summary(results):
         worst = min(group, key=lambda r: r.speedup)
         lines.append(f"{name}: geometric mean speedup {geomean(r.speedup for r in group):.2f}x over "
                      f"{len(group)} layers, lowest {worst.speedup:.2f}x ({worst.layer})")
+        if group[0].op == "overhead":
+            extra = max(group, key=lambda r: r.ours_ms - r.native_ms)
+            lines.append(f"{name}: extra cost per call at most {(extra.ours_ms - extra.native_ms) * 1e3:.2f} us "
+                         f"({extra.layer})")
     return lines
 
 

@@ -6,6 +6,12 @@ from torch.nn.modules.utils import _pair
 __all__ = ["conv2d", "lstm", "lstm_cell", "max_pool2d"]
 
 
+_ops = torch.ops.pyconvext
+_conv2d = _ops.conv2d.default
+_max_pool2d = _ops.max_pool2d.default
+_max_pool2d_values = _ops.max_pool2d_values.default
+
+
 def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     """torch.nn.functional.conv2d on pyconvext's kernels.
 
@@ -13,34 +19,33 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     stride, dilation: int or pair. padding: int, pair, 'valid' or 'same' (unit stride only;
     an odd total padding puts the extra row / column at the bottom / right, as native does).
     """
-    stride, dilation = _pair(stride), _pair(dilation)
-    if isinstance(padding, str):
-        if padding == "valid":
-            padding = (0, 0)
-        elif padding == "same":
-            if any(s != 1 for s in stride):
-                raise RuntimeError(
-                    "pyconvext.conv2d: padding='same' is not supported for strided convolutions"
-                )
-            total = [d * (k - 1) for d, k in zip(dilation, weight.shape[-2:])]
-            padding = tuple(t // 2 for t in total)
-            extra = [t - 2 * p for t, p in zip(total, padding)]
-            if any(extra):
-                input = torch.nn.functional.pad(input, (0, extra[1], 0, extra[0]))
-        else:
-            raise RuntimeError(
-                f"pyconvext.conv2d: invalid padding string {padding!r}, expected 'valid' or 'same'"
-            )
-    else:
-        padding = _pair(padding)
-    return torch.ops.pyconvext.conv2d(input, weight, bias, stride, padding, dilation, groups)
+    # An int passes as it is: the operator's int[2] arguments take one for both.
+    if padding.__class__ is str:
+        input, padding = _string_padding(input, weight, stride, padding, dilation)
+    return _conv2d(input, weight, bias, stride, padding, dilation, groups)
+
+
+def _string_padding(input, weight, stride, padding, dilation):
+    """The input and the numeric padding for padding='valid' or 'same'."""
+    if padding == "valid":
+        return input, 0
+    if padding != "same":
+        raise RuntimeError(f"pyconvext.conv2d: invalid padding string {padding!r}, expected 'valid' or 'same'")
+    if any(s != 1 for s in _pair(stride)):
+        raise RuntimeError("pyconvext.conv2d: padding='same' is not supported for strided convolutions")
+    total = [d * (k - 1) for d, k in zip(_pair(dilation), weight.shape[-2:])]
+    padding = tuple(t // 2 for t in total)
+    extra = [t - 2 * p for t, p in zip(total, padding)]
+    if any(extra):
+        input = torch.nn.functional.pad(input, (0, extra[1], 0, extra[0]))
+    return input, padding
 
 
 def _pool_pair(value):
     """An int or a sequence of 1 or 2 ints, as native's max_pool2d takes them;
     other lengths go on to the operator, which names the problem."""
-    if isinstance(value, int):
-        return (value, value)
+    if value.__class__ is int:
+        return value
     value = tuple(value)
     return value * 2 if len(value) == 1 else value
 
@@ -56,14 +61,12 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
     """
     kernel_size = _pool_pair(kernel_size)
     stride = kernel_size if stride is None or stride == [] or stride == () else _pool_pair(stride)
-    params = (kernel_size, stride, _pool_pair(padding), _pool_pair(dilation),
-              ceil_mode)
-    ops = torch.ops.pyconvext
+    padding, dilation = _pool_pair(padding), _pool_pair(dilation)
     if return_indices:
-        return ops.max_pool2d(input, *params)
-    if torch.is_grad_enabled() and input.requires_grad:
-        return ops.max_pool2d(input, *params)[0]
-    return ops.max_pool2d_values(input, *params)
+        return _max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode)
+    if input.requires_grad and torch.is_grad_enabled():
+        return _max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode)[0]
+    return _max_pool2d_values(input, kernel_size, stride, padding, dilation, ceil_mode)
 
 
 def lstm_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):

@@ -1,6 +1,7 @@
 """The CMake build for libtorch programs: builds the library and
 tests/cpp/conv2d_check.cpp and max_pool2d_check.cpp (pyconvext's operators
-through csrc/pyconvext.h against ATen's) and runs the programs, without and (where a CUDA toolkit is found)
+through csrc/pyconvext.h against ATen's) and autograd_check.cpp (backward()
+through them, against ATen's gradients) and runs the programs, without and (where a CUDA toolkit is found)
 with WITH_CUDA."""
 
 import glob
@@ -53,7 +54,7 @@ def test_cmake_build_and_cpp_api(tmp_path, with_cuda):
     for command in (configure, [cmake, "--build", str(tmp_path), "-j", str(os.cpu_count() or 1)]):
         result = subprocess.run(command, capture_output=True, text=True, env=env)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    for program, cases in (("conv2d_check", 5), ("max_pool2d_check", 4)):
+    for program, cases in (("conv2d_check", 5), ("max_pool2d_check", 4), ("autograd_check", 4)):
         check = subprocess.run([str(pathlib.Path(tmp_path) / program)], capture_output=True, text=True)
         assert check.returncode == 0, check.stdout + check.stderr
         assert f"ok: {cases} cases match ATen" in check.stdout
