@@ -249,3 +249,31 @@ def test_catalogs_without_a_kernel_on_the_device_are_left_out():
     assert has_kernel("conv2d", "cpu") and has_kernel("lstm", "cpu") and not has_kernel("lstm", "cuda")
     assert run("lstm", device="cuda", progress=Progress()) == []
     assert notes == ["lstm: pyconvext has no cuda kernel for it in this build: left out"]
+
+
+def test_overhead_command(tmp_path):
+    """bench --overhead: one call per operator on a tiny input, on one thread,
+    and the largest extra cost per call in the summary."""
+    out_csv = tmp_path / "overhead.csv"
+    result = subprocess.run(
+        [sys.executable, "-m", "pyconvext", "bench", "--overhead", "--min-time", "0.05", "--csv", str(out_csv)],
+        capture_output=True, text=True, cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    rows = list(csv.DictReader(out_csv.open()))
+    assert [(r["layer"], r["mode"]) for r in rows] == [
+        (name, mode) for name in ("conv2d", "max_pool2d", "max_pool2d.indices", "lstm_cell", "lstm.step")
+        for mode in ("forward", "forward+backward")]
+    assert "forward: extra cost per call at most" in result.stdout
+    assert "forward+backward: extra cost per call at most" in result.stdout
+
+
+def test_overhead_runs_on_one_thread(monkeypatch):
+    from pyconvext import bench
+
+    seen = []
+    monkeypatch.setattr(bench, "_run", lambda *args: seen.append(torch.get_num_threads()) or [])
+    threads = torch.get_num_threads()
+    bench.run("overhead")
+    bench.run("conv2d")
+    assert seen == [1, threads] and torch.get_num_threads() == threads
