@@ -456,7 +456,7 @@ def test_lstm_bad_input(gen):
     with pytest.raises(RuntimeError, match=r"^pyconvext.lstm_layer: expected hx of size \(batch, hidden_size\) = \[3, 6\]"):
         OPS.lstm_layer(randn(gen, 4, 3, 5), randn(gen, 2, 6), randn(gen, 3, 6), randn(gen, 24, 5), randn(gen, 24, 6),
                        None, None, None, None, False)
-    with pytest.raises(RuntimeError, match=r"batch_sizes must be positive and non-increasing"):
+    with pytest.raises(RuntimeError, match=r"batch_sizes must be non-negative and non-increasing"):
         OPS.lstm_layer(randn(gen, 6, 5), randn(gen, 2, 6), randn(gen, 2, 6), randn(gen, 24, 5), randn(gen, 24, 6),
                        None, None, None, torch.tensor([2, 3, 1]), False)
     with pytest.raises(RuntimeError, match=r"^pyconvext.lstm_layer: batch_sizes \(their sum\) overflows 64-bit"):
@@ -468,6 +468,20 @@ def test_lstm_bad_input(gen):
     with pytest.raises(RuntimeError, match=r"^pyconvext.lstm_layer: expected a sequence of at least one step, "
                                            r"but got input of size \[0, 3, 5\]"):
         ours(randn(gen, 0, 3, 5))
+
+
+def test_lstm_packed_steps_of_no_rows(gen):
+    """Hand-made batch sizes may end in zeros (steps with no rows), as native
+    accepts them: the same outputs as without them."""
+    native, ours = lstms(gen, 5, 6)
+    data = randn(gen, 5, 5)
+    for sizes in ([3, 2, 0], [3, 2, 0, 0], [0], [0, 0]):
+        rows = sum(sizes)
+        packed = PackedSequence(data[:rows], torch.tensor(sizes))
+        (out, (h, c)), (want, (want_h, want_c)) = ours(packed), native(packed)
+        torch.testing.assert_close(out.data, want.data)
+        torch.testing.assert_close(h, want_h)
+        torch.testing.assert_close(c, want_c)
 
 
 def test_lstm_empty_batch_any_steps(gen):

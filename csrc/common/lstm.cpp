@@ -104,8 +104,8 @@ LstmLayerGeometry check_lstm_layer(
     g.batch = g.steps > 0 ? g.batch_sizes[0] : 0;
     int64_t rows = 0;
     for (int64_t t = 0; t < g.steps; ++t) {
-      TORCH_CHECK(g.batch_sizes[t] > 0 && (t == 0 || g.batch_sizes[t] <= g.batch_sizes[t - 1]),
-                  op, ": batch_sizes must be positive and non-increasing, but got ",
+      TORCH_CHECK(g.batch_sizes[t] >= 0 && (t == 0 || g.batch_sizes[t] <= g.batch_sizes[t - 1]),
+                  op, ": batch_sizes must be non-negative and non-increasing, but got ",
                   c10::IntArrayRef(g.batch_sizes));
       g.offsets.push_back(rows);
       rows = sizes::add(rows, g.batch_sizes[t], op, "batch_sizes (their sum)");
@@ -130,6 +130,13 @@ LstmLayerGeometry check_lstm_layer(
   // As native, which refuses an empty sequence.
   TORCH_CHECK(g.steps > 0, op, ": expected a sequence of at least one step, but got input of size ",
               input.sizes(), batch_sizes.has_value() ? " with no batch_sizes" : "");
+  // Steps of no rows (last, as the sizes do not increase) change nothing: as
+  // native, they are accepted, and the kernels never see them.
+  while (batch_sizes.has_value() && g.steps > 0 && g.batch_sizes[g.steps - 1] == 0) {
+    g.batch_sizes.pop_back();
+    g.offsets.pop_back();
+    --g.steps;
+  }
   g.input_size = input.size(-1);
   TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) % 4 == 0, op,
               ": expected w_hh of size (4 * hidden_size, hidden_size or proj_size), but got "
