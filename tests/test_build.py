@@ -37,6 +37,32 @@ def test_build_info():
         assert info["cuda_archs"] is None and info["no_cuda_reason"]
 
 
+def test_import_gives_every_subpackage_lazily():
+    """After a bare `import pyconvext` every public submodule and subpackage is
+    an attribute (pyconvext.models.LeNet5() as the README writes it), and the
+    ones not needed by the operators load on first use only."""
+    code = (
+        "import pkgutil, sys, pyconvext\n"
+        "lazy = [m for m in pyconvext._LAZY if f'pyconvext.{m}' in sys.modules]\n"
+        "assert not lazy, f'imported at once: {lazy}'\n"
+        "public = [m.name for m in pkgutil.iter_modules(pyconvext.__path__) if not m.name.startswith('_')]\n"
+        "assert {'models', 'data', 'functional', 'nn'} <= set(public), public\n"
+        "for name in public:  # (pyconvext.convert is the function of the module convert)\n"
+        "    found = getattr(pyconvext, name)\n"
+        "    assert found is sys.modules[f'pyconvext.{name}'] or found.__module__ == f'pyconvext.{name}', name\n"
+        "    assert name in dir(pyconvext), name\n"
+        "pyconvext.models.LeNet5(); pyconvext.data.mnist.MNISTUnavailable\n"
+        "try:\n"
+        "    pyconvext.no_such_module\n"
+        "except AttributeError as error:\n"
+        "    assert str(error) == \"module 'pyconvext' has no attribute 'no_such_module'\", error\n"
+        "else:\n"
+        "    raise AssertionError('no AttributeError')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+
+
 def test_import_under_another_torch_is_refused():
     """A library built against another torch is never loaded (its ABI may differ)."""
     code = "import torch; torch.__version__ = '0.0.1'; import pyconvext"
