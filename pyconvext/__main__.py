@@ -93,7 +93,7 @@ def run_test_mnist(args):
 
 
 def run_demo(args):
-    sys.exit(demo.main(data_dir=args.data_dir, min_time=args.min_time))
+    sys.exit(demo.main(data_dir=args.data_dir, min_time=args.min_time, skip_mnist=args.skip_mnist))
 
 
 def main(argv=None):
@@ -106,6 +106,8 @@ def main(argv=None):
     p.add_argument("--data-dir", metavar="D", help=data_dir_help)
     p.add_argument("--min-time", type=float, default=1.0,
                    help="seconds of measurement per operator and mode (default 1)")
+    p.add_argument("--skip-mnist", action="store_true",
+                   help="leave out the MNIST epoch (no MNIST files needed)")
     p.set_defaults(run=run_demo)
 
     p = commands.add_parser("train-mnist", help="the classic MNIST example on our kernels")
