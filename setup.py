@@ -4,7 +4,8 @@ Environment:
   USE_CUDA=0              build the CPU kernels only.
   FORCE_CUDA=1            fail if the CUDA kernels cannot be built.
   CUDA_HOME               CUDA toolkit (default: /usr/local/cuda, else the nvcc on PATH).
-  TORCH_CUDA_ARCH_LIST    CUDA architectures (default: DEFAULT_CUDA_ARCHS).
+  TORCH_CUDA_ARCH_LIST    CUDA architectures (default: those of the GPUs visible at build
+                          time, plus PTX; DEFAULT_CUDA_ARCHS where none is visible).
 
 Build with the torch that will run the kernels:
   pip install --no-build-isolation .       (or -e . for a development checkout)
@@ -21,9 +22,23 @@ import sys
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-# Turing (T4, RTX 20), Ampere and Ada (8.x run 8.0 code), Hopper, and PTX for
-# newer GPUs. (float16 and bfloat16 need 8.0 or newer.)
+# Where no GPU is visible at build time: Turing (T4, RTX 20), Ampere and Ada
+# (8.x run 8.0 code), Hopper, and PTX for newer GPUs. (float16 and bfloat16
+# need 8.0 or newer.)
 DEFAULT_CUDA_ARCHS = "7.5;8.0;9.0+PTX"
+
+
+def cuda_archs(torch, environ=os.environ):
+    """The CUDA architectures to build: TORCH_CUDA_ARCH_LIST where set, else the
+    compute capabilities of the GPUs visible at build time, the newest also as
+    PTX (one architecture compiles in about a third of the time of three), else
+    DEFAULT_CUDA_ARCHS."""
+    if environ.get("TORCH_CUDA_ARCH_LIST"):
+        return environ["TORCH_CUDA_ARCH_LIST"]
+    if not torch.cuda.is_available():
+        return DEFAULT_CUDA_ARCHS
+    capabilities = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+    return ";".join(f"{major}.{minor}" for major, minor in capabilities) + "+PTX"
 
 
 def find_cuda_home(environ=os.environ, default="/usr/local/cuda"):
@@ -111,7 +126,7 @@ def main():
     if not with_cuda and os.environ.get("FORCE_CUDA") == "1":
         sys.exit(f"pyconvext: FORCE_CUDA=1 but the CUDA kernels cannot be built: {no_cuda_reason}")
     if with_cuda:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
+        os.environ["TORCH_CUDA_ARCH_LIST"] = cuda_archs(torch)
     else:
         print(f"pyconvext: building the CPU kernels only ({no_cuda_reason})", file=sys.stderr)
 

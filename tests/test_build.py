@@ -155,6 +155,26 @@ def test_setup_cpu_only_plan(monkeypatch):
     assert setup.cuda_plan(torch) == (False, "USE_CUDA=0")
 
 
+def test_cuda_archs_default_to_the_visible_gpus(monkeypatch):
+    """Where a GPU is visible at build time the build targets it (plus PTX),
+    not the three architectures of DEFAULT_CUDA_ARCHS; TORCH_CUDA_ARCH_LIST
+    overrides either."""
+    setup = load_setup_module()
+    capabilities = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: bool(capabilities))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(capabilities))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: capabilities[i])
+
+    assert setup.cuda_archs(torch, {}) == setup.DEFAULT_CUDA_ARCHS == "7.5;8.0;9.0+PTX"
+    assert setup.cuda_archs(torch, {"TORCH_CUDA_ARCH_LIST": "8.0"}) == "8.0"
+    capabilities[:] = [(9, 0)]
+    assert setup.cuda_archs(torch, {}) == "9.0+PTX"
+    assert setup.cuda_archs(torch, {"TORCH_CUDA_ARCH_LIST": ""}) == "9.0+PTX"
+    assert setup.cuda_archs(torch, {"TORCH_CUDA_ARCH_LIST": "7.5;8.0"}) == "7.5;8.0"
+    capabilities[:] = [(9, 0), (8, 6), (9, 0)]
+    assert setup.cuda_archs(torch, {}) == "8.6;9.0+PTX"
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ELF shared libraries")
 def test_links_libstdcxx_as_a_shared_library():
     """A copy of libstdc++ inside _C (a driver that links it statically) never
