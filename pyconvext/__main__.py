@@ -96,7 +96,8 @@ def run_demo(args):
     sys.exit(demo.main(data_dir=args.data_dir, min_time=args.min_time, skip_mnist=args.skip_mnist))
 
 
-def main(argv=None):
+def make_parser():
+    """The command line's parser (the README's commands are checked against it)."""
     parser = argparse.ArgumentParser(prog="python -m pyconvext", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -151,8 +152,11 @@ def main(argv=None):
 
     p = commands.add_parser("info", help="print build_info() as JSON")
     p.set_defaults(run=lambda args: print(json.dumps(pyconvext.build_info(), indent=2)))
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv=None):
+    args = make_parser().parse_args(argv)
     try:
         args.run(args)
     except (mnist.MNISTUnavailable, mnist_example.DeviceUnavailable) as error:
