@@ -103,7 +103,7 @@ def make_parser():
     commands = parser.add_subparsers(dest="command", required=True)
     data_dir_help = "folder of the four MNIST .gz files (default $PYCONVEXT_DATA, else ~/.cache/pyconvext)"
 
-    p = commands.add_parser("demo", help="a two-minute tour: build, kernels against native, MNIST")
+    p = commands.add_parser("demo", help="a one-minute tour: build, kernels against native, MNIST")
     p.add_argument("--data-dir", metavar="D", help=data_dir_help)
     p.add_argument("--min-time", type=float, default=1.0,
                    help="seconds of measurement per operator and mode (default 1)")

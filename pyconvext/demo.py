@@ -1,4 +1,4 @@
-"""python -m pyconvext demo: what pyconvext is, in about two minutes on 2 CPU cores.
+"""python -m pyconvext demo: what pyconvext is, in under a minute on 2 CPU cores.
 
 1. the build: backends, instruction set, the torch it runs on;
 2. one layer per operator, ours against native on the same inputs: the
