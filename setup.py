@@ -18,6 +18,7 @@ import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 
 from setuptools import setup
 
@@ -109,6 +110,16 @@ def loaded_libstdcxx():
     return None
 
 
+def object_folder():
+    """Where the compiled objects stay between builds: the source folder's
+    build/temp.<platform>-<python>, as `python setup.py build_ext` uses. pip
+    builds (editable ones too) would compile into a fresh temporary folder each
+    time, every source again (minutes; the Quick start's second command would
+    redo the first one's compile); in this folder ninja recompiles only the
+    objects whose source, headers or command line changed."""
+    return os.path.join(ROOT, "build", f"temp.{sysconfig.get_platform()}-{sys.implementation.cache_tag}")
+
+
 def version_line(command, pattern=r".+"):
     """The first line of `command --version` that matches pattern."""
     try:
@@ -168,7 +179,13 @@ def main():
     }
 
     class BuildWithInfo(BuildExtension):
-        """Writes pyconvext/_build_info.py beside the compiled library."""
+        """Keeps the objects in object_folder(); writes pyconvext/_build_info.py
+        beside the compiled library."""
+
+        def finalize_options(self):
+            super().finalize_options()
+            if os.access(ROOT, os.W_OK):
+                self.build_temp = object_folder()
 
         def run(self):
             super().run()

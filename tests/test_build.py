@@ -175,6 +175,16 @@ def test_cuda_archs_default_to_the_visible_gpus(monkeypatch):
     assert setup.cuda_archs(torch, {}) == "8.6;9.0+PTX"
 
 
+def test_pip_builds_keep_their_objects_where_build_ext_does():
+    """pip's builds use the objects folder of `python setup.py build_ext`, not a
+    fresh temporary one, so a second `pip install -e .` recompiles nothing unchanged."""
+    from setuptools.dist import Distribution
+
+    build = Distribution().get_command_obj("build")
+    build.finalize_options()
+    assert load_setup_module().object_folder() == str(ROOT / build.build_temp)
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ELF shared libraries")
 def test_links_libstdcxx_as_a_shared_library():
     """A copy of libstdc++ inside _C (a driver that links it statically) never
