@@ -32,7 +32,7 @@ DEFAULT_CUDA_ARCHS = "7.5;8.0;9.0+PTX"
 def cuda_archs(torch, environ=os.environ):
     """The CUDA architectures to build: TORCH_CUDA_ARCH_LIST where set, else the
     compute capabilities of the GPUs visible at build time, the newest also as
-    PTX (one architecture compiles in about a third of the time of three), else
+    PTX (nvcc compiles the device code once per architecture), else
     DEFAULT_CUDA_ARCHS."""
     if environ.get("TORCH_CUDA_ARCH_LIST"):
         return environ["TORCH_CUDA_ARCH_LIST"]
