@@ -4,7 +4,8 @@ Environment:
   USE_CUDA=0              build the CPU kernels only.
   FORCE_CUDA=1            fail if the CUDA kernels cannot be built.
   CUDA_HOME               CUDA toolkit (default: /usr/local/cuda, else the nvcc on PATH).
-  TORCH_CUDA_ARCH_LIST    CUDA architectures (default: DEFAULT_CUDA_ARCHS).
+  TORCH_CUDA_ARCH_LIST    CUDA architectures (default: those of the GPUs visible at build
+                          time, plus PTX; DEFAULT_CUDA_ARCHS where none is visible).
 
 Build with the torch that will run the kernels:
   pip install --no-build-isolation .       (or -e . for a development checkout)
@@ -17,13 +18,28 @@ import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-# Turing (T4, RTX 20), Ampere and Ada (8.x run 8.0 code), Hopper, and PTX for
-# newer GPUs. (float16 and bfloat16 need 8.0 or newer.)
+# Where no GPU is visible at build time: Turing (T4, RTX 20), Ampere and Ada
+# (8.x run 8.0 code), Hopper, and PTX for newer GPUs. (float16 and bfloat16
+# need 8.0 or newer.)
 DEFAULT_CUDA_ARCHS = "7.5;8.0;9.0+PTX"
+
+
+def cuda_archs(torch, environ=os.environ):
+    """The CUDA architectures to build: TORCH_CUDA_ARCH_LIST where set, else the
+    compute capabilities of the GPUs visible at build time, the newest also as
+    PTX (nvcc compiles the device code once per architecture), else
+    DEFAULT_CUDA_ARCHS."""
+    if environ.get("TORCH_CUDA_ARCH_LIST"):
+        return environ["TORCH_CUDA_ARCH_LIST"]
+    if not torch.cuda.is_available():
+        return DEFAULT_CUDA_ARCHS
+    capabilities = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+    return ";".join(f"{major}.{minor}" for major, minor in capabilities) + "+PTX"
 
 
 def find_cuda_home(environ=os.environ, default="/usr/local/cuda"):
@@ -94,6 +110,16 @@ def loaded_libstdcxx():
     return None
 
 
+def object_folder():
+    """Where the compiled objects stay between builds: the source folder's
+    build/temp.<platform>-<python>, as `python setup.py build_ext` uses. pip
+    builds (editable ones too) would compile into a fresh temporary folder each
+    time, every source again (minutes; the Quick start's second command would
+    redo the first one's compile); in this folder ninja recompiles only the
+    objects whose source, headers or command line changed."""
+    return os.path.join(ROOT, "build", f"temp.{sysconfig.get_platform()}-{sys.implementation.cache_tag}")
+
+
 def version_line(command, pattern=r".+"):
     """The first line of `command --version` that matches pattern."""
     try:
@@ -111,7 +137,7 @@ def main():
     if not with_cuda and os.environ.get("FORCE_CUDA") == "1":
         sys.exit(f"pyconvext: FORCE_CUDA=1 but the CUDA kernels cannot be built: {no_cuda_reason}")
     if with_cuda:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
+        os.environ["TORCH_CUDA_ARCH_LIST"] = cuda_archs(torch)
     else:
         print(f"pyconvext: building the CPU kernels only ({no_cuda_reason})", file=sys.stderr)
 
@@ -154,7 +180,13 @@ def main():
     }
 
     class BuildWithInfo(BuildExtension):
-        """Writes pyconvext/_build_info.py beside the compiled library."""
+        """Keeps the objects in object_folder(); writes pyconvext/_build_info.py
+        beside the compiled library."""
+
+        def finalize_options(self):
+            super().finalize_options()
+            if os.access(ROOT, os.W_OK):
+                self.build_temp = object_folder()
 
         def run(self):
             super().run()

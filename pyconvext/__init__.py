@@ -2,6 +2,8 @@
 PyTorch operators (torch.ops.pyconvext.*) with autograd, and drop-in
 replacements for the torch.nn modules that use them."""
 
+import importlib
+
 import torch
 
 _REBUILD = (
@@ -60,6 +62,22 @@ def build_info() -> dict:
         "cpu_capability": _C.cpu_capability,
         "kernels": {op: list(keys) for op, keys in _registrations.KERNELS.items()},
     }
+
+
+# The other submodules and subpackages (models, data, bench, demo,
+# mnist_example, ...) load on first use: pyconvext.models works after a bare
+# `import pyconvext`, which stays as quick as loading the kernels.
+_LAZY = ("bench", "data", "demo", "mnist_example", "models")
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
 
 
 __all__ = ["build_info", "convert", "functional", "nn", "revert"]

@@ -37,6 +37,32 @@ def test_build_info():
         assert info["cuda_archs"] is None and info["no_cuda_reason"]
 
 
+def test_import_gives_every_subpackage_lazily():
+    """After a bare `import pyconvext` every public submodule and subpackage is
+    an attribute (pyconvext.models.LeNet5() as the README writes it), and the
+    ones not needed by the operators load on first use only."""
+    code = (
+        "import pkgutil, sys, pyconvext\n"
+        "lazy = [m for m in pyconvext._LAZY if f'pyconvext.{m}' in sys.modules]\n"
+        "assert not lazy, f'imported at once: {lazy}'\n"
+        "public = [m.name for m in pkgutil.iter_modules(pyconvext.__path__) if not m.name.startswith('_')]\n"
+        "assert {'models', 'data', 'functional', 'nn'} <= set(public), public\n"
+        "for name in public:  # (pyconvext.convert is the function of the module convert)\n"
+        "    found = getattr(pyconvext, name)\n"
+        "    assert found is sys.modules[f'pyconvext.{name}'] or found.__module__ == f'pyconvext.{name}', name\n"
+        "    assert name in dir(pyconvext), name\n"
+        "pyconvext.models.LeNet5(); pyconvext.data.mnist.MNISTUnavailable\n"
+        "try:\n"
+        "    pyconvext.no_such_module\n"
+        "except AttributeError as error:\n"
+        "    assert str(error) == \"module 'pyconvext' has no attribute 'no_such_module'\", error\n"
+        "else:\n"
+        "    raise AssertionError('no AttributeError')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+
+
 def test_import_under_another_torch_is_refused():
     """A library built against another torch is never loaded (its ABI may differ)."""
     code = "import torch; torch.__version__ = '0.0.1'; import pyconvext"
@@ -127,6 +153,36 @@ def test_setup_cpu_only_plan(monkeypatch):
     setup = load_setup_module()
     monkeypatch.setenv("USE_CUDA", "0")
     assert setup.cuda_plan(torch) == (False, "USE_CUDA=0")
+
+
+def test_cuda_archs_default_to_the_visible_gpus(monkeypatch):
+    """Where a GPU is visible at build time the build targets it (plus PTX),
+    not the three architectures of DEFAULT_CUDA_ARCHS; TORCH_CUDA_ARCH_LIST
+    overrides either."""
+    setup = load_setup_module()
+    capabilities = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: bool(capabilities))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(capabilities))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: capabilities[i])
+
+    assert setup.cuda_archs(torch, {}) == setup.DEFAULT_CUDA_ARCHS == "7.5;8.0;9.0+PTX"
+    assert setup.cuda_archs(torch, {"TORCH_CUDA_ARCH_LIST": "8.0"}) == "8.0"
+    capabilities[:] = [(9, 0)]
+    assert setup.cuda_archs(torch, {}) == "9.0+PTX"
+    assert setup.cuda_archs(torch, {"TORCH_CUDA_ARCH_LIST": ""}) == "9.0+PTX"
+    assert setup.cuda_archs(torch, {"TORCH_CUDA_ARCH_LIST": "7.5;8.0"}) == "7.5;8.0"
+    capabilities[:] = [(9, 0), (8, 6), (9, 0)]
+    assert setup.cuda_archs(torch, {}) == "8.6;9.0+PTX"
+
+
+def test_pip_builds_keep_their_objects_where_build_ext_does():
+    """pip's builds use the objects folder of `python setup.py build_ext`, not a
+    fresh temporary one, so a second `pip install -e .` recompiles nothing unchanged."""
+    from setuptools.dist import Distribution
+
+    build = Distribution().get_command_obj("build")
+    build.finalize_options()
+    assert load_setup_module().object_folder() == str(ROOT / build.build_temp)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ELF shared libraries")

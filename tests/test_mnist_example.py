@@ -119,6 +119,9 @@ def test_demo_relative_error():
     assert relative_error(torch.tensor([1, 2]), torch.tensor([1, 3])) == float("inf")
 
 
+NO_MNIST = {"PYCONVEXT_MNIST_MIRRORS": "http://127.0.0.1:9/"}  # the discard port: nothing listens
+
+
 def _run(*args, env=None):
     return subprocess.run([sys.executable, "-m", "pyconvext", *args], capture_output=True, text=True,
                           cwd=ROOT, env={**os.environ, **(env or {})}, timeout=600)
@@ -137,6 +140,7 @@ def test_train_and_test_commands(tmp_path):
     assert accuracy and int(accuracy.group(2)) > 9000, out
     assert re.search(r"^Epoch 1 time: train \d+\.\d\d s, test \d+\.\d\d s$", out, re.M)
     assert set(torch.load(checkpoint, weights_only=True)) == set(EXAMPLE_STATE)
+    assert not re.search("warn", result.stderr, re.I), result.stderr
 
     result = _run("test-mnist", "--checkpoint", str(checkpoint), "--device", "cpu", "--data-dir", str(SHARED))
     assert result.returncode == 0, result.stderr
@@ -153,8 +157,7 @@ def test_train_and_test_commands(tmp_path):
 
 
 def test_commands_without_data_say_what_to_do(tmp_path):
-    dead = "http://127.0.0.1:9/"  # the discard port: nothing listens
-    env = {"PYCONVEXT_MNIST_MIRRORS": dead, "PYCONVEXT_DATA": str(tmp_path)}
+    env = {**NO_MNIST, "PYCONVEXT_DATA": str(tmp_path)}
     result = _run("train-mnist", "--epochs", "1", env=env)
     assert result.returncode == 1
     assert result.stderr.startswith("pyconvext train-mnist: MNIST file train-images-idx3-ubyte.gz is not in "
@@ -181,9 +184,27 @@ def test_demo(tmp_path):
     for backend in ("pyconvext", "native"):
         assert re.search(rf"^  {backend} *: accuracy 9\d\d\d/10000 \(\d+\.\d\d%\), training epoch \d+\.\d s$",
                          out, re.M), out
-    assert "demo finished in" in out
+    assert re.fullmatch(r"demo finished in \d+ s", out.splitlines()[-1]), out
+    assert not re.search("warn", result.stderr, re.I), result.stderr
 
-    result = _run("demo", "--min-time", "0.05",
-                  env={"PYCONVEXT_MNIST_MIRRORS": "http://127.0.0.1:9/", "PYCONVEXT_DATA": str(tmp_path)})
+
+def test_demo_without_mnist_fails_and_says_so_last(tmp_path):
+    result = _run("demo", "--min-time", "0.05", env={**NO_MNIST, "PYCONVEXT_DATA": str(tmp_path)})
     assert result.returncode == 1
-    assert "Copy the four MNIST files" in result.stdout and "Then run the demo again" in result.stdout
+    out = result.stdout
+    assert "Copy the four MNIST files" in out and "Then run the demo again" in out and "--skip-mnist" in out
+    assert re.search(r"^  lstm .* forward\+backward .*  same results$", out, re.M), out  # the rest ran
+    assert re.fullmatch(r"demo FAILED after \d+ s: the MNIST part did not run \(no MNIST files; see above\)",
+                        out.splitlines()[-1]), out
+
+
+def test_demo_skip_mnist_runs_the_rest(tmp_path):
+    result = _run("demo", "--skip-mnist", "--min-time", "0.05",
+                  env={**NO_MNIST, "PYCONVEXT_DATA": str(tmp_path)})
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "backends: cpu" in out
+    for op in ("conv2d", "max_pool2d", "lstm"):
+        assert re.search(rf"^  {op} .* forward\+backward .*x  error \S+  same results$", out, re.M), out
+    assert "MNIST example" not in out and "MNIST files" not in out
+    assert re.fullmatch(r"demo finished in \d+ s \(MNIST part skipped: --skip-mnist\)", out.splitlines()[-1]), out
