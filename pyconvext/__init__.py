@@ -43,7 +43,10 @@ _BUILD_INFO = _load_library()
 
 from . import _registrations  # noqa: E402
 from . import functional, nn  # noqa: E402
+from . import onnx  # noqa: E402
 from .convert import convert, revert  # noqa: E402
+
+onnx.register()  # ONNX translations of our operators, registered as each exporter loads
 
 
 def build_info() -> dict:
@@ -62,4 +65,4 @@ def build_info() -> dict:
     }
 
 
-__all__ = ["build_info", "convert", "functional", "nn", "revert"]
+__all__ = ["build_info", "convert", "functional", "nn", "onnx", "revert"]
