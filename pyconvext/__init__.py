@@ -45,7 +45,10 @@ _BUILD_INFO = _load_library()
 
 from . import _registrations  # noqa: E402
 from . import functional, nn  # noqa: E402
+from . import onnx  # noqa: E402
 from .convert import convert, revert  # noqa: E402
+
+onnx.register()  # ONNX translations of our operators, registered as each exporter loads
 
 
 def build_info() -> dict:
@@ -80,4 +83,4 @@ def __dir__():
     return sorted(set(globals()) | set(_LAZY))
 
 
-__all__ = ["build_info", "convert", "functional", "nn", "revert"]
+__all__ = ["build_info", "convert", "functional", "nn", "onnx", "revert"]
